@@ -1,0 +1,114 @@
+"""The on-disk contract between steps (DESIGN.md section 3): folders, npz/png files, resume.
+
+Every file is written to a temporary name in its folder and renamed into place, so a killed
+step never leaves a truncated output and a re-run can trust whatever exists.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+STEP_DIRS = {
+    1: "1_classifier",
+    2: "2_cams",
+    3: "3_ir_labels",
+    4: "4_irn",
+    5: "5_pseudo_masks",
+    6: "6_segmentation",
+    7: "7_predictions",
+}
+
+
+def step_dir(work_dir: str | os.PathLike, step: int) -> Path:
+    """``<work_dir>/<n>_<name>``, created if needed."""
+    path = Path(work_dir) / STEP_DIRS[step]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Path:
+    """Call ``write_fn(tmp_path)`` then rename onto ``path``; the temp file keeps the suffix."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def save_cams(path, class_ids, cam: np.ndarray, high_res: np.ndarray) -> Path:
+    """One image's CAMs: ``keys`` int (K,), ``cam`` (K,h,w) stride 4, ``high_res`` (K,H,W), fp16."""
+    keys = np.asarray(class_ids, dtype=np.int64).reshape(-1)
+    if cam.shape[0] != keys.size or high_res.shape[0] != keys.size:
+        raise ValueError(f"{path}: {keys.size} keys but cams of shape {cam.shape}, {high_res.shape}")
+    return atomic_write(path, lambda tmp: np.savez_compressed(
+        tmp, keys=keys, cam=cam.astype(np.float16), high_res=high_res.astype(np.float16)))
+
+
+def load_cams(path) -> dict[str, np.ndarray]:
+    """``keys`` int64 plus ``cam`` and ``high_res`` as float32."""
+    with np.load(path, allow_pickle=False) as data:
+        return {
+            "keys": data["keys"].astype(np.int64),
+            "cam": data["cam"].astype(np.float32),
+            "high_res": data["high_res"].astype(np.float32),
+        }
+
+
+def save_png(path, array: np.ndarray) -> Path:
+    """A uint8 label map as a grey PNG."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"{path}: label maps are uint8, got {array.dtype}")
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+def load_png(path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img).copy()
+
+
+def pending_ids(ids: Iterable[str], out_dir, suffix: str, overwrite: bool = False) -> list[str]:
+    """The ids still to do: all with ``overwrite``, else those without ``<id><suffix>`` (resume)."""
+    ids = list(ids)
+    if overwrite:
+        return ids
+    done = {p.name for p in Path(out_dir).glob(f"*{suffix}")} if Path(out_dir).is_dir() else set()
+    return [i for i in ids if f"{i}{suffix}" not in done]
+
+
+def report_failure(image_id: str, error: BaseException) -> None:
+    """One line per bad image, so a long run's log stays readable."""
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    tqdm.write(f"warning: {image_id}: {message}", file=sys.stderr)
+
+
+def run_over_images(ids: Iterable[str], fn: Callable[[str], object], desc: str,
+                    on_error: str = "skip") -> tuple[int, list[str]]:
+    """Call ``fn(id)`` for each id under a progress bar; a failing image is reported and skipped
+    (``on_error="stop"`` re-raises after reporting). Returns (number done, failed ids)."""
+    done, failed = 0, []
+    for image_id in tqdm(list(ids), desc=desc, unit="img", dynamic_ncols=True):
+        try:
+            fn(image_id)
+            done += 1
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as err:  # noqa: BLE001 - one bad image must not end the step
+            report_failure(image_id, err)
+            failed.append(image_id)
+            if on_error == "stop":
+                raise
+    return done, failed

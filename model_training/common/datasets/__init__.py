@@ -1,0 +1,27 @@
+"""Dataset sources by name: ``build_source(cfg.dataset, split)``."""
+from __future__ import annotations
+
+from ..config import ConfigError
+from .base import ImageLoadError, ImageSource, labels_to_vector
+
+__all__ = ["ImageLoadError", "ImageSource", "build_source", "labels_to_vector"]
+
+
+def build_source(dataset_cfg, split: str) -> ImageSource:
+    """The named dataset's split; a missing folder or list is a one-line ConfigError."""
+    name = dataset_cfg["name"]
+    try:
+        if name == "toy":
+            from .toy import build_toy_source
+            return build_toy_source(dataset_cfg, split)
+        if name == "voc":
+            from .voc import VOCSource
+            return VOCSource(dataset_cfg["root"], split, dataset_cfg.get("class_names"),
+                             dataset_cfg.get("labels_file"))
+        if name == "lid":
+            from .lid import LIDSource
+            return LIDSource(dataset_cfg["root"], split, dataset_cfg.get("class_names"),
+                             dataset_cfg.get("labels_file"))
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"dataset '{name}' split '{split}': {err}") from None
+    raise ConfigError(f"key 'dataset.name': unknown dataset {name!r} (toy, voc, lid)")

@@ -1,0 +1,79 @@
+"""The one interface every dataset offers the steps: images, image-level labels, masks.
+
+A source is one split of one dataset. Steps wrap it into their own torch Dataset with the
+transforms they need, so adding a dataset means writing one source class.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class ImageLoadError(Exception):
+    """An image or mask that cannot be read; the message names the file."""
+
+
+class ImageSource:
+    """One split of a dataset. Subclasses fill ``ids`` and implement the three loaders."""
+
+    name: str = "dataset"
+    class_names: list[str] = []
+    ids: list[str] = []
+    has_masks: bool = False
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        """uint8 HxWx3 RGB; raises ImageLoadError naming the file."""
+        raise NotImplementedError
+
+    def load_mask(self, image_id: str) -> np.ndarray | None:
+        """uint8 HxW class ids, 255 = ignore; None where the split has no ground truth."""
+        return None
+
+    def labels(self, image_id: str) -> list[int]:
+        """The image's foreground class ids (1..num_classes-1), as the training labels say."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def read_rgb(path) -> np.ndarray:
+    """Read any image file as uint8 RGB, turning every reader failure into ImageLoadError."""
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise ImageLoadError(f"cannot read image {path}: {err}") from None
+
+
+def read_mask(path) -> np.ndarray:
+    """A palette or grey PNG read as its raw indices (a palette image's indices are its ids)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("P", "L", "I", "I;16"):
+                img = img.convert("L")
+            return np.asarray(img).astype(np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise ImageLoadError(f"cannot read mask {path}: {err}") from None
+
+
+def labels_from_mask(mask: np.ndarray, num_classes: int) -> list[int]:
+    """Image-level labels of a mask: its foreground classes (as IRNet derives VOC's)."""
+    present = np.unique(mask)
+    return [int(c) for c in present if 0 < c < num_classes]
+
+
+def labels_to_vector(class_ids: Iterable[int], output_class_ids: Sequence[int]) -> np.ndarray:
+    """Multi-hot float32 vector over a classifier's outputs (output i is class output_class_ids[i])."""
+    index = {c: i for i, c in enumerate(output_class_ids)}
+    vector = np.zeros(len(output_class_ids), dtype=np.float32)
+    for c in class_ids:
+        if c in index:
+            vector[index[c]] = 1.0
+    return vector

@@ -1,0 +1,113 @@
+"""LID 2020 / ImageNet-DET: 200 classes + background, labels from a JSON list or DET XML.
+
+Training labels come either from a JSON list ``[[relative/path.JPEG, [labels]], ...]``
+(labels as class ids or class names) or from the DET ``Annotations/**/*.xml`` files (object
+``<name>`` = WordNet id, mapped through ``classes.txt``). Val/test masks are PNGs named
+after the image.
+"""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+from .base import ImageLoadError, ImageSource, read_mask, read_rgb
+
+IMAGE_SUFFIXES = (".JPEG", ".jpg", ".jpeg", ".png")
+
+
+def _class_index(class_names: list[str]) -> dict[str, int]:
+    """Both names and ids in ``classes.txt`` lines like 'n02672831 accordion' resolve."""
+    index: dict[str, int] = {}
+    for i, line in enumerate(class_names):
+        for token in line.replace(",", " ").split():
+            index.setdefault(token, i)
+        index.setdefault(line, i)
+    return index
+
+
+def read_json_list(path: Path, class_index: dict[str, int]) -> dict[str, tuple[str, list[int]]]:
+    """``[[path, [labels]]]`` -> {id: (path, class ids)}; an unknown class name is an error."""
+    entries = json.loads(path.read_text())
+    out: dict[str, tuple[str, list[int]]] = {}
+    for rel_path, labels in entries:
+        ids = []
+        for label in labels:
+            if isinstance(label, int):
+                ids.append(label)
+            elif label in class_index:
+                ids.append(class_index[label])
+            else:
+                raise ValueError(f"unknown class name {label!r} for {rel_path} in {path}")
+        out[Path(rel_path).stem] = (rel_path, sorted(set(ids)))
+    return out
+
+
+def read_det_xml(path: Path, class_index: dict[str, int]) -> list[int]:
+    """Class ids of the objects in one DET annotation (unknown WordNet ids are skipped)."""
+    root = ET.parse(path).getroot()
+    names = [obj.findtext("name") for obj in root.iter("object")]
+    return sorted({class_index[n] for n in names if n in class_index})
+
+
+class LIDSource(ImageSource):
+    """One split of LID: ``train`` from the JSON list or XMLs, ``val``/``test`` from folders."""
+
+    def __init__(self, root, split: str, class_names: list[str] | None = None,
+                 labels_file: str | None = None, name: str = "lid"):
+        self.root = Path(root)
+        self.name = name
+        self.split = split
+        names_file = self.root / "classes.txt"
+        if class_names:
+            lines = list(class_names)
+        elif names_file.is_file():
+            lines = [l.strip() for l in names_file.read_text().splitlines() if l.strip()]
+        else:
+            raise FileNotFoundError(f"class list not found: {names_file}")
+        self.class_names = [line.split()[-1] for line in lines]
+        index = _class_index(lines)
+        self._entries: dict[str, tuple[str, list[int]]] = {}
+        labels_path = Path(labels_file) if labels_file else self.root / f"{split}.json"
+        ann_dir = self.root / "Annotations" / split
+        if labels_path.is_file():
+            self._entries = read_json_list(labels_path, index)
+        elif ann_dir.is_dir():
+            for xml in sorted(ann_dir.rglob("*.xml")):
+                rel = xml.relative_to(ann_dir).with_suffix("")
+                self._entries[xml.stem] = (str(Path("Data") / split / rel), read_det_xml(xml, index))
+        else:
+            image_dir = self.root / split
+            if not image_dir.is_dir():
+                raise FileNotFoundError(
+                    f"no labels for split '{split}': none of {labels_path}, {ann_dir}, {image_dir}")
+            for path in sorted(p for p in image_dir.rglob("*") if p.suffix in IMAGE_SUFFIXES):
+                self._entries[path.stem] = (str(path.relative_to(self.root)), [])
+        self.ids = sorted(self._entries)
+        self.mask_dir = self.root / f"{split}_masks"
+        self.has_masks = self.mask_dir.is_dir()
+
+    def image_path(self, image_id: str) -> Path:
+        rel = Path(self._entries[image_id][0])
+        path = self.root / rel
+        if path.suffix:
+            return path
+        for suffix in IMAGE_SUFFIXES:
+            if path.with_suffix(suffix).is_file():
+                return path.with_suffix(suffix)
+        return path.with_suffix(".JPEG")
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        path = self.image_path(image_id)
+        if not path.is_file():
+            raise ImageLoadError(f"image file not found: {path}")
+        return read_rgb(path)
+
+    def load_mask(self, image_id: str) -> np.ndarray | None:
+        path = self.mask_dir / f"{image_id}.png"
+        return read_mask(path) if path.is_file() else None
+
+    def labels(self, image_id: str) -> list[int]:
+        return list(self._entries[image_id][1])

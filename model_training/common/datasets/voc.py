@@ -1,0 +1,91 @@
+"""VOC-style folders (PASCAL VOC 2012, camvid-wsss, anything laid out the same way).
+
+Layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png (evaluation only),
+ImageSets/Segmentation/<split>.txt, optional cls_labels.json ({"<id>": [class ids]}),
+optional classes.txt (one name a line, background first).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .base import ImageLoadError, ImageSource, labels_from_mask, read_mask, read_rgb
+
+VOC2012_CLASSES = [
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+    "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+    "sheep", "sofa", "train", "tvmonitor",
+]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def read_class_names(root: Path, configured: list[str] | None) -> list[str]:
+    if configured:
+        return list(configured)
+    path = root / "classes.txt"
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return list(VOC2012_CLASSES)
+
+
+def read_split_ids(root: Path, split: str) -> list[str]:
+    path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"split list not found: {path}")
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+class VOCSource(ImageSource):
+    """One split of a VOC-style folder; labels from cls_labels.json or derived from masks."""
+
+    def __init__(self, root, split: str, class_names: list[str] | None = None,
+                 labels_file: str | None = None, name: str = "voc"):
+        self.root = Path(root)
+        self.name = name
+        self.split = split
+        self.class_names = read_class_names(self.root, class_names)
+        self.ids = read_split_ids(self.root, split)
+        self.mask_dir = self.root / "SegmentationClass"
+        self.has_masks = self.mask_dir.is_dir() and all(
+            (self.mask_dir / f"{i}.png").is_file() for i in self.ids[:20])
+        labels_path = Path(labels_file) if labels_file else self.root / "cls_labels.json"
+        self._labels = self._read_labels(labels_path) if labels_path.is_file() else None
+        if self._labels is None and not self.has_masks:
+            raise FileNotFoundError(
+                f"no image-level labels for split '{split}': {labels_path} is missing "
+                f"and {self.mask_dir} has no masks to derive them from")
+
+    @staticmethod
+    def _read_labels(path: Path) -> dict[str, list[int]]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read labels file {path}: {err}") from None
+        return {str(k): [int(c) for c in v] for k, v in data.items()}
+
+    def image_path(self, image_id: str) -> Path:
+        for suffix in IMAGE_SUFFIXES:
+            path = self.root / "JPEGImages" / f"{image_id}{suffix}"
+            if path.is_file():
+                return path
+        return self.root / "JPEGImages" / f"{image_id}.jpg"
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        path = self.image_path(image_id)
+        if not path.is_file():
+            raise ImageLoadError(f"image file not found: {path}")
+        return read_rgb(path)
+
+    def load_mask(self, image_id: str) -> np.ndarray | None:
+        path = self.mask_dir / f"{image_id}.png"
+        return read_mask(path) if path.is_file() else None
+
+    def labels(self, image_id: str) -> list[int]:
+        if self._labels is not None and image_id in self._labels:
+            return [c for c in self._labels[image_id] if 0 < c < self.num_classes]
+        mask = self.load_mask(image_id)
+        if mask is None:
+            raise ImageLoadError(f"no labels for image '{image_id}' and no mask to derive them")
+        return labels_from_mask(mask, self.num_classes)

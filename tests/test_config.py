@@ -1,0 +1,67 @@
+import pytest
+import yaml
+
+from model_training.common.config import (ConfigError, load_config, parse_step_args,
+                                          save_config)
+
+STEP_DEFAULTS = {"train": {"epochs": 5, "lr": 0.01, "scales": [1.0]}, "model": {"name": "resnet50"}}
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_base_file_overrides_and_types(tmp_path):
+    write(tmp_path / "common.yaml", {"work_dir": "runs/a", "dataset": {"name": "toy"}})
+    step = write(tmp_path / "step.yaml", {"_base_": "common.yaml", "train": {"epochs": 3}})
+    cfg = load_config(step, ["train.lr=1", "work_dir=/tmp/x", "train.scales=[0.5,1.0]"],
+                      STEP_DEFAULTS)
+    assert cfg.train.epochs == 3
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.work_dir == "/tmp/x"
+    assert cfg.train.scales == [0.5, 1.0]
+    assert cfg.model.name == "resnet50"  # untouched default
+    assert cfg.dataset.toy.num_train > 0  # common defaults are there
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("train.epocs=2", "train.epocs"),
+    ("train.epochs=two", "train.epochs"),
+    ("overwrite=3", "overwrite"),
+    ("model=3", "model"),
+])
+def test_bad_overrides_name_the_key(tmp_path, override, needle):
+    step = write(tmp_path / "step.yaml", {})
+    with pytest.raises(ConfigError, match=needle):
+        load_config(step, [override], STEP_DEFAULTS)
+
+
+def test_misspelt_key_in_file(tmp_path):
+    step = write(tmp_path / "step.yaml", {"trian": {"epochs": 1}})
+    with pytest.raises(ConfigError, match="'trian'.*step.yaml"):
+        load_config(step, [], STEP_DEFAULTS)
+
+
+def test_missing_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml", [], STEP_DEFAULTS)
+    step = write(tmp_path / "step.yaml", {"dataset": {"name": "voc", "root": str(tmp_path / "no")}})
+    with pytest.raises(ConfigError, match="dataset.root"):
+        load_config(step, [], STEP_DEFAULTS)
+
+
+def test_saved_config_reloads_identically(tmp_path):
+    step = write(tmp_path / "step.yaml", {"train": {"epochs": 2}})
+    cfg = load_config(step, ["seed=7"], STEP_DEFAULTS)
+    saved = save_config(cfg, tmp_path / "out")
+    assert load_config(saved, [], STEP_DEFAULTS) == cfg
+
+
+def test_parse_step_args_exits_2(tmp_path, capsys):
+    step = write(tmp_path / "step.yaml", {})
+    with pytest.raises(SystemExit) as exit_info:
+        parse_step_args(STEP_DEFAULTS, "test", ["--config", str(step), "train.nope=1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.nope" in err

@@ -1,0 +1,116 @@
+"""VOC-style and LID sources, joint transforms."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model_training.common.config import ConfigError, Config
+from model_training.common.datasets import build_source, labels_to_vector
+from model_training.common.datasets.base import ImageLoadError
+from model_training.common.transforms import build_transform
+
+
+def make_voc(root, ids=("a", "b"), with_labels=True):
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "SegmentationClass").mkdir()
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "classes.txt").write_text("background\ncat\ndog\n")
+    for n, image_id in enumerate(ids):
+        Image.fromarray(np.full((6, 8, 3), 40 * n, np.uint8)).save(root / "JPEGImages" / f"{image_id}.jpg")
+        mask = np.zeros((6, 8), np.uint8)
+        mask[:3] = n + 1
+        mask[5, 7] = 255
+        pal = Image.fromarray(mask, mode="P")
+        pal.putpalette([0, 0, 0, 128, 0, 0, 0, 128, 0] + [0] * 759)
+        pal.save(root / "SegmentationClass" / f"{image_id}.png")
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids) + "\n")
+    if with_labels:
+        (root / "cls_labels.json").write_text(json.dumps({"a": [1], "b": [1, 2]}))
+
+
+def test_voc_folder(tmp_path):
+    make_voc(tmp_path)
+    src = build_source(Config(name="voc", root=str(tmp_path)), "train")
+    assert src.class_names == ["background", "cat", "dog"] and src.num_classes == 3
+    assert src.ids == ["a", "b"] and src.has_masks
+    assert src.labels("b") == [1, 2]
+    assert src.load_image("a").shape == (6, 8, 3)
+    mask = src.load_mask("b")
+    assert mask.dtype == np.uint8 and set(np.unique(mask)) == {0, 2, 255}
+
+
+def test_voc_labels_derived_from_masks(tmp_path):
+    make_voc(tmp_path, with_labels=False)
+    src = build_source(Config(name="voc", root=str(tmp_path)), "train")
+    assert src.labels("a") == [1] and src.labels("b") == [2]
+
+
+def test_voc_missing_split_is_config_error(tmp_path):
+    make_voc(tmp_path)
+    with pytest.raises(ConfigError, match="val"):
+        build_source(Config(name="voc", root=str(tmp_path)), "val")
+
+
+def test_corrupt_image_names_file(tmp_path):
+    make_voc(tmp_path)
+    (tmp_path / "JPEGImages" / "a.jpg").write_bytes(b"not a jpeg")
+    src = build_source(Config(name="voc", root=str(tmp_path)), "train")
+    with pytest.raises(ImageLoadError, match="a.jpg"):
+        src.load_image("a")
+
+
+def test_camvid_reads_unchanged(camvid_root):
+    src = build_source(Config(name="voc", root=str(camvid_root)), "train")
+    assert src.num_classes == 7 and len(src.ids) == 1468
+    image_id = src.ids[2]
+    image, mask = src.load_image(image_id), src.load_mask(image_id)
+    assert image.shape == (180, 240, 3) and mask.shape == (180, 240)
+    assert set(src.labels(image_id)) <= set(np.unique(mask).tolist())
+
+
+def test_lid_json_and_xml(tmp_path):
+    (tmp_path / "classes.txt").write_text("background\nn001 accordion\nn002 airplane\n")
+    (tmp_path / "Data" / "train").mkdir(parents=True)
+    Image.fromarray(np.zeros((5, 5, 3), np.uint8)).save(tmp_path / "Data" / "train" / "x1.JPEG")
+    (tmp_path / "train.json").write_text(json.dumps([["Data/train/x1.JPEG", ["airplane", 1]]]))
+    src = build_source(Config(name="lid", root=str(tmp_path)), "train")
+    assert src.class_names == ["background", "accordion", "airplane"]
+    assert src.labels("x1") == [1, 2] and src.load_image("x1").shape == (5, 5, 3)
+
+    (tmp_path / "train.json").unlink()
+    ann = tmp_path / "Annotations" / "train"
+    ann.mkdir(parents=True)
+    (ann / "x1.xml").write_text("<annotation><object><name>n002</name></object>"
+                                "<object><name>n999</name></object></annotation>")
+    src = build_source(Config(name="lid", root=str(tmp_path)), "train")
+    assert src.labels("x1") == [2] and src.load_image("x1").shape == (5, 5, 3)
+
+
+def test_lid_unknown_class_name_is_config_error(tmp_path):
+    (tmp_path / "classes.txt").write_text("background\nn001 accordion\n")
+    (tmp_path / "train.json").write_text(json.dumps([["x.JPEG", ["banjo"]]]))
+    with pytest.raises(ConfigError, match="banjo"):
+        build_source(Config(name="lid", root=str(tmp_path)), "train")
+
+
+def test_labels_to_vector_over_outputs():
+    assert labels_to_vector([2, 5], [1, 2, 3, 5]).tolist() == [0, 1, 0, 1]
+    assert labels_to_vector([4], [1, 2]).tolist() == [0, 0]  # excluded class dropped
+
+
+def test_joint_transform_keeps_masks_exact():
+    torch.manual_seed(0)
+    image = np.random.randint(0, 255, (40, 60, 3), np.uint8)
+    mask = np.random.randint(0, 4, (40, 60)).astype(np.uint8)
+    transform = build_transform(True, crop_size=96, resize_long=(50, 80), scale_range=(0.7, 1.3),
+                                color_jitter=0.3)
+    for _ in range(5):
+        x, y = transform(image, mask)
+        assert x.shape == (3, 96, 96) and y.shape == (96, 96)
+        assert set(y.unique().tolist()) <= {0, 1, 2, 3, 255}  # nearest: no blended ids
+        assert (y == 255).any()  # the crop is larger than the image: padded with ignore
+    x, y = build_transform(False)(image, mask)
+    assert torch.equal(y, torch.from_numpy(mask).long())
+    assert x.shape == (3, 40, 60) and abs(float(x.mean())) < 3
