@@ -5,6 +5,7 @@ step never leaves a truncated output and a re-run can trust whatever exists.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -112,3 +113,18 @@ def run_over_images(ids: Iterable[str], fn: Callable[[str], object], desc: str,
             if on_error == "stop":
                 raise
     return done, failed
+
+
+DONE_FILE = "done.json"
+
+
+def mark_done(folder, summary: dict) -> Path:
+    """Record that a step finished (with its summary), so a pipeline re-run can skip it."""
+    return atomic_write(Path(folder) / DONE_FILE,
+                        lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+
+
+def read_done(folder) -> dict | None:
+    """The summary of a finished step, or None if it has not finished."""
+    path = Path(folder) / DONE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None

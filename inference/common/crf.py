@@ -1,0 +1,47 @@
+"""Dense-CRF inference (pydensecrf2) shared by the CRF refinement of step 3."""
+from collections.abc import Sequence
+
+import numpy as np
+import pydensecrf.densecrf as dcrf
+from pydensecrf.utils import unary_from_labels, unary_from_softmax
+
+
+def crf_inference(
+    image: np.ndarray,
+    probs_or_labels: np.ndarray,
+    n_labels: int,
+    t: int = 10,
+    gt_prob: float = 0.7,
+    gaussian: Sequence[float] = (3, 3),
+    bilateral: Sequence[float] = (50, 5, 10),
+) -> np.ndarray:
+    """Refine a label map (H,W ints in [0, n_labels)) or probabilities (n_labels,H,W)
+    with a fully connected CRF on the RGB image; returns the (H,W) label indices.
+
+    `gaussian` is (sxy, compat) of the smoothness kernel, `bilateral` (sxy, srgb, compat)
+    of the appearance kernel. A label map is trusted with `gt_prob` everywhere (no
+    "unsure" label), as IRNet does; `gt_prob` is unused for probabilities.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image must be uint8 HxWx3, got {image.dtype} {image.shape}")
+    h, w = image.shape[:2]
+    if probs_or_labels.shape[-2:] != (h, w):
+        raise ValueError(f"scores {probs_or_labels.shape} do not match image {image.shape}")
+    if n_labels < 2:  # nothing to decide (and the label unary divides by n_labels - 1)
+        return np.zeros((h, w), np.int64)
+
+    if probs_or_labels.ndim == 2:
+        unary = unary_from_labels(probs_or_labels, n_labels, gt_prob=gt_prob, zero_unsure=False)
+    else:
+        unary = unary_from_softmax(probs_or_labels)
+
+    crf = dcrf.DenseCRF2D(w, h, n_labels)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
+    gauss_sxy, gauss_compat = gaussian
+    crf.addPairwiseGaussian(sxy=gauss_sxy, compat=gauss_compat)
+    bil_sxy, bil_srgb, bil_compat = bilateral
+    crf.addPairwiseBilateral(
+        sxy=bil_sxy, srgb=bil_srgb, rgbim=np.ascontiguousarray(image), compat=bil_compat
+    )
+    q = np.asarray(crf.inference(t), dtype=np.float32)
+    return q.reshape(n_labels, h, w).argmax(axis=0)

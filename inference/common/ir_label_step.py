@@ -1,0 +1,58 @@
+"""Step 3 as a function: every image's CAMs -> IRNet label PNG, in a process pool."""
+from __future__ import annotations
+
+import functools
+import time
+
+from model_training.common.config import save_config
+from model_training.common.datasets import build_source
+
+from .ir_labels import process_image, run_pool
+from .step_io import mark_done, pending_ids, step_dir
+
+DEFAULTS = {
+    "crf": {
+        "split": "train",
+        "conf_fg_thres": 0.30,
+        "conf_bg_thres": 0.05,
+        "iterations": 10,
+        "gt_prob": 0.7,
+        "gaussian_sxy": 3,
+        "gaussian_compat": 3,
+        "bilateral_sxy": 50,
+        "bilateral_srgb": 5,
+        "bilateral_compat": 10,
+        "num_workers": None,  # None: one process per CPU core
+    },
+}
+
+
+def crf_params(crf_cfg) -> dict:
+    """The config section as keyword arguments of ``crf_inference``."""
+    return {
+        "t": crf_cfg.iterations,
+        "gt_prob": crf_cfg.gt_prob,
+        "gaussian": (crf_cfg.gaussian_sxy, crf_cfg.gaussian_compat),
+        "bilateral": (crf_cfg.bilateral_sxy, crf_cfg.bilateral_srgb, crf_cfg.bilateral_compat),
+    }
+
+
+def run(cfg, ids: list[str] | None = None) -> dict:
+    """Write ``3_ir_labels/<id>.png`` for every image with CAMs (resuming); returns a summary."""
+    start = time.time()
+    source = build_source(cfg.dataset, cfg.crf.split)
+    cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 3)
+    save_config(cfg, out_dir)
+    ids = source.ids if ids is None else ids
+    todo = [i for i in pending_ids(ids, out_dir, ".png", cfg.overwrite)
+            if (cam_dir / f"{i}.npz").is_file()]
+    worker = functools.partial(
+        process_image, load_image=source.load_image, cam_dir=cam_dir, out_dir=out_dir,
+        conf_fg_thres=cfg.crf.conf_fg_thres, conf_bg_thres=cfg.crf.conf_bg_thres,
+        crf_params=crf_params(cfg.crf))
+    done, failed = run_pool(todo, worker, cfg.crf.num_workers, desc="3 ir labels",
+                            on_error=cfg.on_error)
+    summary = {"written": done, "failed": failed, "skipped_existing": len(ids) - len(todo),
+               "seconds": round(time.time() - start, 2)}
+    mark_done(out_dir, summary)
+    return summary
