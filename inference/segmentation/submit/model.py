@@ -1,0 +1,149 @@
+"""Model builder and checkpoint reader of the standalone submission folder.
+
+This file imports nothing from the training repository: a checkpoint carries everything
+needed to rebuild the network, so the folder works when copied alone.
+
+Checkpoint format (written by step 6, ``torch.save``; read with ``weights_only=True``)::
+
+    {
+        "model": state_dict,              # segmentation_models_pytorch model.state_dict()
+        "model_config": {
+            "arch": "DeepLabV3Plus",      # any smp architecture name (smp.create_model)
+            "encoder_name": "resnet50",   # any smp encoder name, "tu-<timm name>" included
+            "encoder_output_stride": 16,  # optional; only for archs that take it (DeepLabV3/V3+)
+            "num_classes": 21,            # output channels, background (id 0) included
+        },
+        "class_names": ["background", ...],                 # len == num_classes
+        "normalize": {"mean": [0.485, 0.456, 0.406],        # RGB, applied to pixels / 255
+                      "std": [0.229, 0.224, 0.225]},
+    }
+
+Output channel ``c`` is class id ``c``. Extra top-level keys (e.g. ``epoch``) are ignored;
+an unknown ``model_config`` key is an error, so a mismatch never builds the wrong network.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import segmentation_models_pytorch as smp
+import torch
+from torch import nn
+
+REQUIRED_MODEL_KEYS = ("arch", "encoder_name", "num_classes")
+OPTIONAL_MODEL_KEYS = ("encoder_output_stride",)
+REQUIRED_CHECKPOINT_KEYS = ("model", "model_config", "class_names", "normalize")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line naming the problem."""
+
+
+class LoadedModel(NamedTuple):
+    model: nn.Module
+    class_names: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    model_config: dict[str, Any]
+
+
+def _validate_model_config(model_config: dict[str, Any]) -> None:
+    missing = [key for key in REQUIRED_MODEL_KEYS if key not in model_config]
+    if missing:
+        raise CheckpointError(f"model_config is missing {', '.join(missing)}")
+    unknown = set(model_config) - set(REQUIRED_MODEL_KEYS) - set(OPTIONAL_MODEL_KEYS)
+    if unknown:
+        raise CheckpointError(f"model_config has unknown key(s) {', '.join(sorted(unknown))}")
+    if not 1 <= int(model_config["num_classes"]) <= 256:
+        raise CheckpointError("model_config.num_classes must be in 1..256 (uint8 PNG output)")
+
+
+def _validate_metadata(model_config: dict, class_names: list, normalize: dict) -> None:
+    _validate_model_config(model_config)
+    if len(class_names) != model_config["num_classes"]:
+        raise CheckpointError(
+            f"class_names has {len(class_names)} entries, num_classes is {model_config['num_classes']}"
+        )
+    for key in ("mean", "std"):
+        if len(normalize.get(key, ())) != 3:
+            raise CheckpointError(f"normalize.{key} must be a list of 3 floats (RGB)")
+
+
+def build_model(model_config: dict[str, Any]) -> nn.Module:
+    """Build the smp network described by a checkpoint's ``model_config`` (random weights)."""
+    _validate_model_config(model_config)
+    kwargs = {}
+    if "encoder_output_stride" in model_config:
+        arch_class = smp.MODEL_ARCHITECTURES_MAPPING.get(model_config["arch"].lower())
+        if arch_class is None or "encoder_output_stride" not in inspect.signature(arch_class).parameters:
+            raise CheckpointError(f"arch {model_config['arch']} does not take encoder_output_stride")
+        kwargs["encoder_output_stride"] = int(model_config["encoder_output_stride"])
+    try:
+        return smp.create_model(
+            model_config["arch"],
+            encoder_name=model_config["encoder_name"],
+            encoder_weights=None,
+            classes=int(model_config["num_classes"]),
+            **kwargs,
+        )
+    except (KeyError, RuntimeError) as error:  # smp / timm: unknown arch or encoder
+        reason = str(error).strip("'\"")[:200]
+        raise CheckpointError(
+            f"cannot build {model_config['arch']} with encoder {model_config['encoder_name']}: {reason}"
+        ) from error
+
+
+def make_checkpoint(
+    model: nn.Module,
+    model_config: dict[str, Any],
+    class_names: list[str],
+    mean: list[float],
+    std: list[float],
+) -> dict[str, Any]:
+    """The dict to ``torch.save`` for this folder, validated exactly as it will be read."""
+    normalize = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
+    model_config = dict(model_config)
+    _validate_metadata(model_config, list(class_names), normalize)
+    return {
+        "model": model.state_dict(),
+        "model_config": model_config,
+        "class_names": list(class_names),
+        "normalize": normalize,
+    }
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
+    """Rebuild the network from a checkpoint file, in eval mode on ``device``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle / zip errors of many kinds
+        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint")
+    missing = [key for key in REQUIRED_CHECKPOINT_KEYS if key not in checkpoint]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint is missing {', '.join(missing)}")
+    model_config = dict(checkpoint["model_config"])
+    class_names = [str(name) for name in checkpoint["class_names"]]
+    normalize = checkpoint["normalize"]
+    _validate_metadata(model_config, class_names, normalize)
+
+    model = build_model(model_config)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        first_line = str(error).splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not match model_config: {first_line}") from error
+    model.to(device).eval()
+    return LoadedModel(
+        model=model,
+        class_names=class_names,
+        mean=tuple(float(v) for v in normalize["mean"]),
+        std=tuple(float(v) for v in normalize["std"]),
+        model_config=model_config,
+    )
