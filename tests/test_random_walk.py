@@ -1,0 +1,105 @@
+"""Sparse random walk against IRNet's dense formula, and the pseudo-mask step."""
+import numpy as np
+import pytest
+import torch
+
+from inference.common.path_index import PathIndex
+from inference.common.random_walk import (
+    pseudo_mask_from_rw,
+    random_walk,
+    random_walk_dense_reference,
+    transition_matrix,
+)
+
+
+def _inputs(seed: int, size: tuple[int, int], num_maps: int = 3):
+    """CAM-like maps in [0, 1] and a boundary map with a few strong ridges."""
+    g = torch.Generator().manual_seed(seed)
+    cams = torch.rand(num_maps, *size, generator=g) ** 2
+    boundary = torch.rand(*size, generator=g) ** 4
+    return cams, boundary
+
+
+@pytest.mark.parametrize("seed,size", [(0, (12, 15)), (1, (9, 20)), (2, (16, 16))])
+def test_sparse_walk_equals_dense_reference(seed, size):
+    cams, boundary = _inputs(seed, size)
+    sparse = random_walk(cams, boundary, beta=10, exp_times=8, radius=5)
+    dense = random_walk_dense_reference(cams, boundary, 10, 8, 5, dtype=torch.float64)
+    assert sparse.shape == cams.shape and sparse.dtype == torch.float32
+    assert (sparse.double() - dense).abs().max() < 1e-4
+    assert (sparse.argmax(0) == dense.argmax(0)).double().mean() >= 0.999
+    keys = [3, 5, 9]
+    mask_sparse = pseudo_mask_from_rw(sparse, keys)
+    mask_dense = pseudo_mask_from_rw(dense, keys)
+    assert (mask_sparse == mask_dense).mean() >= 0.999
+
+
+def test_sparse_walk_equals_dense_reference_other_parameters():
+    cams, boundary = _inputs(4, (10, 13), num_maps=2)
+    sparse = random_walk(cams, boundary, beta=4, exp_times=5, radius=3)
+    dense = random_walk_dense_reference(cams, boundary, 4, 5, 3, dtype=torch.float64)
+    assert (sparse.double() - dense).abs().max() < 1e-4
+
+
+def test_transition_matrix_is_sparse_and_row_stochastic():
+    _, boundary = _inputs(5, (14, 11))
+    path_index = PathIndex(5)
+    matrix = transition_matrix(boundary, path_index, beta=10)
+    n = boundary.numel()
+    assert matrix.layout == torch.sparse_csr and matrix.shape == (n, n)
+    per_row = matrix.crow_indices().diff()
+    assert per_row.max() == 2 * path_index.num_directions + 1  # 69: interior pixels
+    valid_pairs = int(path_index.valid_pairs(boundary.shape).sum())
+    assert matrix.values().numel() == n + 2 * valid_pairs
+    dense = matrix.to_dense()
+    assert torch.allclose(dense.sum(dim=1), torch.ones(n), atol=1e-5)
+    # D^-1 A with A symmetric: D M is symmetric
+    degree_scaled = dense / dense.diagonal()[:, None]  # a_ii = 1, so D = 1 / M_ii
+    assert torch.allclose(degree_scaled, degree_scaled.T, atol=1e-5)
+
+
+def test_walk_stays_inside_a_boundary_wall():
+    h, w, wall = 12, 16, 8
+    boundary = torch.zeros(h, w)
+    boundary[:, wall] = 1.0
+    cams = torch.zeros(1, h, w)
+    cams[0, 5, 2] = 1.0  # one confident pixel on the left
+    walked = random_walk(cams, boundary)[0]
+    left, right = walked[:, :wall], walked[:, wall:]
+    assert right.abs().max() < 1e-6
+    assert left.min() > 0.5 * left.max() > 0  # spread over the whole left region
+
+
+def test_pseudo_mask_from_rw_maps_channels_to_class_ids():
+    rw = torch.zeros(2, 4, 4)
+    rw[0, :2, :2] = 1.0
+    rw[1, 2:, 2:] = 0.5
+    mask = pseudo_mask_from_rw(rw, keys=[3, 7], bg_thres=0.25, out_size=(14, 15))
+    assert mask.shape == (14, 15) and mask.dtype == np.uint8
+    assert set(np.unique(mask).tolist()) == {0, 3, 7}
+    assert mask[0, 0] == 3 and mask[13, 14] == 7 and mask[0, 14] == 0 and mask[13, 0] == 0
+    # a background threshold above class 7's normalised score (0.5) removes it
+    assert 7 not in pseudo_mask_from_rw(rw, keys=[3, 7], bg_thres=0.6, out_size=(14, 15))
+    assert pseudo_mask_from_rw(rw, keys=[3, 7]).shape == (16, 16)
+
+
+def test_pseudo_mask_without_classes_is_background():
+    empty = pseudo_mask_from_rw(torch.zeros(0, 3, 4), keys=[], out_size=(10, 13))
+    assert empty.shape == (10, 13) and not empty.any()
+    walked = random_walk(torch.zeros(0, 3, 4), torch.zeros(3, 4))
+    assert walked.shape == (0, 3, 4)
+
+
+def test_rejects_mismatched_shapes():
+    with pytest.raises(ValueError):
+        random_walk(torch.zeros(2, 5, 5), torch.zeros(5, 6))
+    with pytest.raises(ValueError):
+        pseudo_mask_from_rw(torch.zeros(2, 5, 5), keys=[1])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sparse_walk_on_cuda_matches_cpu():
+    cams, boundary = _inputs(6, (12, 12))
+    cpu = random_walk(cams, boundary)
+    gpu = random_walk(cams.cuda(), boundary.cuda())
+    assert torch.allclose(gpu.cpu(), cpu, atol=1e-5)
