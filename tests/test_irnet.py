@@ -70,8 +70,8 @@ def test_backbone_frozen_in_eval_without_grads():
     backbone_ids = {id(p) for p in model.backbone.parameters()}
     assert not backbone_ids & {id(p) for p in edge + disp}
     assert len(edge) + len(disp) == sum(p.requires_grad for p in model.parameters())
-    groups = model.param_groups(lr=0.1, weight_decay=1e-4)
-    assert [g["lr"] for g in groups] == [0.1, 1.0]
+    groups = model.param_groups()
+    assert [g["lr_mult"] for g in groups] == [1.0, 10.0]
 
 
 def test_without_displacement_branch():
@@ -79,7 +79,7 @@ def test_without_displacement_branch():
     out = model(torch.randn(1, 3, 32, 32))
     assert out.displacement is None
     assert model.trainable_parameters()[1] == []
-    assert len(model.param_groups(lr=0.1)) == 1
+    assert len(model.param_groups()) == 1
 
 
 def test_displacement_centred_by_training_mean_at_inference():
@@ -247,7 +247,7 @@ def test_losses_finite_and_decrease():
     path_index = PathIndex(10)
     targets = affinity_targets(label_to_stride(label, (16, 16)), path_index)
     assert targets.bg_pos.sum() > 0 and targets.fg_pos.sum() > 0 and targets.neg.sum() > 0
-    optimizer = torch.optim.Adam(model.param_groups(lr=0.005))
+    optimizer = torch.optim.Adam(model.param_groups(), lr=0.005)
     history = []
     for _ in range(10):
         out = model(images)

@@ -186,12 +186,13 @@ class IRNet(nn.Module):
         disp = list(self.displacement_branch.parameters()) if self.displacement_branch else []
         return edge, disp
 
-    def param_groups(self, lr: float, weight_decay: float = 1e-4) -> list[dict]:
-        """Optimizer groups as IRNet: boundary branch at `lr`, displacement branch at 10x."""
+    def param_groups(self, displacement_lr_mult: float = 10.0) -> list[dict]:
+        """Optimizer groups in the trainer's form: boundary branch at the base LR, the
+        displacement branch at ``displacement_lr_mult`` times it (10, as IRNet)."""
         edge, disp = self.trainable_parameters()
-        groups = [{"params": edge, "lr": lr, "weight_decay": weight_decay}]
+        groups = [{"params": edge, "lr_mult": 1.0, "name": "boundary"}]
         if disp:
-            groups.append({"params": disp, "lr": 10 * lr, "weight_decay": weight_decay})
+            groups.append({"params": disp, "lr_mult": displacement_lr_mult, "name": "displacement"})
         return groups
 
 

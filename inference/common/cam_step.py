@@ -1,0 +1,171 @@
+"""Step 2 as a function: multiscale CAMs of every training image -> ``2_cams/<id>.npz``.
+
+Images load in DataLoader workers while the model runs; each image's maps are computed on
+the (optionally upscaled) network input and resized back to the image's own size, so the
+files line up pixel for pixel with the image and its mask.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from model_training.common.config import ConfigError, resolve_device, save_config
+from model_training.common.datasets import build_source
+from model_training.common.models import load_cam_classifier
+from model_training.common.transforms import image_to_tensor
+
+from .cam import (CAM_STRIDE, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams,
+                  multiscale_cams, select_outputs)
+from .step_io import mark_done, pending_ids, report_failure, save_cams, step_dir
+
+DEFAULTS = {
+    "cam": {
+        "split": "train",
+        "checkpoint": None,  # None: <work_dir>/1_classifier/best.pt
+        "method": "gradcam++",  # cam | gradcam | gradcam++
+        "scales": [1.0, 0.5, 1.5, 2.0],
+        "flip": True,
+        "normalize": "class",  # class: each map by its own max | global: by the max over classes
+        "labels": "gt",  # gt | pred | union: which classes get a map
+        "threshold": 0.5,  # sigmoid threshold of predicted labels
+        "target_layer": None,  # None: the classifier's features (closed form); else autograd
+        "input_long_side": None,  # upscale small images to this long side before the network
+        "extra_checkpoints": [],  # binary classifiers of excluded classes: CAMs merged in
+    },
+}
+
+
+class _ImageList(Dataset):
+    """(id, original uint8 image, or the error text) so a bad file never stops the loader."""
+
+    def __init__(self, source, ids):
+        self.source, self.ids = source, ids
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        image_id = self.ids[index]
+        try:
+            return image_id, self.source.load_image(image_id), None
+        except Exception as err:  # noqa: BLE001 - reported by the consumer
+            return image_id, None, str(err)
+
+
+def _network_input(image: np.ndarray, long_side: int | None) -> torch.Tensor:
+    tensor = image_to_tensor(image)
+    if long_side and max(image.shape[:2]) != long_side:
+        scale = long_side / max(image.shape[:2])
+        size = (round(image.shape[0] * scale), round(image.shape[1] * scale))
+        tensor = F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False)[0]
+    return tensor
+
+
+def _to_image_size(maps: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stride-4 map, full-size map) of the original image from maps of the network input,
+    renormalised so every class keeps its max of 1 after resizing."""
+    tensor = torch.from_numpy(maps)[None]
+    strided = (math.ceil(height / CAM_STRIDE), math.ceil(width / CAM_STRIDE))
+    out = []
+    for size in (strided, (height, width)):
+        resized = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0]
+        peak = resized.amax((1, 2), keepdim=True)
+        out.append((resized / torch.where(peak > 0, peak, 1)).numpy())
+    return out[0], out[1]
+
+
+class CamExtractor:
+    """One classifier's CAMs of an image, for its labels (or its predictions)."""
+
+    def __init__(self, checkpoint: Path, device: torch.device, cam_cfg):
+        self.model = load_cam_classifier(checkpoint, device)
+        self.cfg = cam_cfg
+        self.device = device
+
+    @torch.no_grad()
+    def _logits(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.model(tensor[None].to(self.device))[0]
+
+    def __call__(self, image: np.ndarray, labels: list[int], mode: str) -> dict:
+        """Maps for ``mode`` gt | pred | union; ``confident`` = union without the top-1
+        fallback, for a binary classifier that must say nothing when it sees nothing."""
+        cfg = self.cfg
+        tensor = _network_input(image, cfg.input_long_side)
+        logits = self._logits(tensor) if mode != "gt" else None
+        if mode == "confident":
+            probs = logits.float().sigmoid().cpu().numpy()
+            labels = list(labels) + [c for c, p in zip(self.model.class_ids, probs)
+                                     if p >= cfg.threshold]
+            mode = "gt"
+        outputs = select_outputs(mode, labels, self.model.class_ids, logits, cfg.threshold)
+        maps = multiscale_cams(self.model, tensor, outputs, cfg.method, cfg.scales, cfg.flip,
+                               cfg.target_layer, cfg.normalize)
+        height, width = image.shape[:2]
+        if tensor.shape[1:] == (height, width):
+            cam, high_res = maps.cam, maps.high_res
+        else:
+            cam, high_res = _to_image_size(maps.high_res, height, width)
+        keys = np.array([self.model.class_ids[i] for i in outputs], dtype=np.int64)
+        return {"keys": keys, "cam": cam, "high_res": high_res}
+
+
+def _check(cfg) -> list[Path]:
+    c = cfg.cam
+    for key, value, allowed in (("method", c.method, METHODS), ("labels", c.labels, LABEL_MODES),
+                                ("normalize", c.normalize, NORMALIZATIONS)):
+        if value not in allowed:
+            raise ConfigError(f"key 'cam.{key}' must be one of {', '.join(allowed)}, got {value!r}")
+    checkpoints = [Path(c.checkpoint or step_dir(cfg.work_dir, 1) / "best.pt")]
+    checkpoints += [Path(p) for p in c.extra_checkpoints]
+    for path in checkpoints:
+        if not path.is_file():
+            raise ConfigError(f"key 'cam.checkpoint': classifier checkpoint not found: {path}")
+    return checkpoints
+
+
+def run(cfg, ids: list[str] | None = None) -> dict:
+    """Write ``2_cams/<id>.npz`` for every image of ``cam.split`` (resuming); returns a summary."""
+    start = time.time()
+    checkpoints = _check(cfg)
+    device = resolve_device(cfg.device)
+    source = build_source(cfg.dataset, cfg.cam.split)
+    out_dir = step_dir(cfg.work_dir, 2)
+    save_config(cfg, out_dir)
+    main = CamExtractor(checkpoints[0], device, cfg.cam)
+    # An excluded class's binary classifier adds its map where it predicts the class.
+    extras = [CamExtractor(path, device, cfg.cam) for path in checkpoints[1:]]
+    ids = source.ids if ids is None else ids
+    todo = pending_ids(ids, out_dir, ".npz", cfg.overwrite)
+    loader = DataLoader(_ImageList(source, todo), batch_size=None, num_workers=cfg.num_workers)
+    written, failed = 0, []
+    for image_id, image, error in tqdm(loader, total=len(todo), desc="2 cams", unit="img",
+                                       dynamic_ncols=True):
+        try:
+            if error is not None:
+                raise OSError(error)
+            labels = source.labels(image_id)
+            cams = main(image, labels, cfg.cam.labels)
+            for extra in extras:
+                extra_cams = extra(image, labels, "confident")
+                present = np.isin(extra_cams["keys"], cams["keys"], invert=True)
+                cams = merge_cams(cams, {k: v[present] for k, v in extra_cams.items()})
+            save_cams(out_dir / f"{image_id}.npz", cams["keys"], cams["cam"], cams["high_res"])
+            written += 1
+        except Exception as err:  # noqa: BLE001 - one bad image must not end the step
+            report_failure(image_id, err)
+            failed.append(image_id)
+            if cfg.on_error == "stop":
+                raise
+    summary = {"written": written, "failed": failed, "skipped_existing": len(ids) - len(todo),
+               "seconds": round(time.time() - start, 2)}
+    mark_done(out_dir, summary)
+    print(f"2_cams: {written} written, {len(failed)} failed -> {out_dir}", file=sys.stderr)
+    return summary

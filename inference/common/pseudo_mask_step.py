@@ -1,0 +1,111 @@
+"""Step 5 as a function: IRNet boundaries + random walk turn each image's CAMs into a mask.
+
+For every image: boundary map at stride 4 (flip TTA), the stride-4 CAMs spread by the
+sparse random walk inside the boundaries, background where no walked map reaches
+``bg_thres``, optionally a CRF, and the uint8 mask of class ids at the image's size.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model_training.cam_generation.irn_training import load_irnet
+from model_training.common.config import ConfigError, resolve_device, save_config
+from model_training.common.datasets import build_source
+from model_training.common.models.irnet import predict_boundary
+from model_training.common.transforms import image_to_tensor
+
+from .crf import crf_inference
+from .random_walk import pseudo_mask_from_rw, random_walk
+from .step_io import load_cams, mark_done, pending_ids, run_over_images, save_png, step_dir
+
+DEFAULTS = {
+    "pseudo": {
+        "split": "train",
+        "checkpoint": None,  # None: <work_dir>/4_irn/best.pt
+        "radius": 5,  # path-index radius of the walk
+        "beta": 10.0,
+        "exp_times": 8,  # T^(2^exp_times)
+        "bg_thres": 0.25,  # sem_seg_bg_thres
+        "flip": True,  # boundary-map test-time flip
+        "input_long_side": None,  # upscale small images before IRNet (finer boundaries)
+        "crf": False,  # refine the final masks with the step-3 CRF settings below
+        "crf_iterations": 10,
+        "crf_gt_prob": 0.7,
+    },
+}
+
+
+def _resize_maps(maps: torch.Tensor, size) -> torch.Tensor:
+    return F.interpolate(maps[None], size=tuple(size), mode="bilinear", align_corners=False)[0]
+
+
+class PseudoMaskMaker:
+    """Holds the IRNet model; ``__call__`` makes one image's mask."""
+
+    def __init__(self, checkpoint, device: torch.device, cfg):
+        self.model = load_irnet(checkpoint, device)
+        self.device = device
+        self.cfg = cfg
+
+    def __call__(self, image: np.ndarray, cams: dict) -> np.ndarray:
+        cfg = self.cfg
+        height, width = image.shape[:2]
+        tensor = image_to_tensor(image)
+        if cfg.input_long_side and max(height, width) != cfg.input_long_side:
+            scale = cfg.input_long_side / max(height, width)
+            tensor = _resize_maps(tensor, (round(height * scale), round(width * scale)))
+        boundary = predict_boundary(self.model, tensor.to(self.device), cfg.flip)
+        keys = cams["keys"]
+        if tensor.shape[1:] == (height, width):
+            seeds = torch.from_numpy(cams["cam"])
+        else:  # the CAMs on the boundary map's finer grid, each class's max kept at 1
+            seeds = _resize_maps(torch.from_numpy(cams["high_res"]), boundary.shape)
+            seeds = seeds / seeds.amax((1, 2), keepdim=True).clamp_min(1e-5)
+        walked = random_walk(seeds, boundary, cfg.beta, cfg.exp_times, cfg.radius).cpu()
+        strided = (math.ceil(height / 4), math.ceil(width / 4))
+        if walked.shape[1:] != strided:
+            walked = _resize_maps(walked, strided)
+        mask = pseudo_mask_from_rw(walked, keys, cfg.bg_thres, out_size=(height, width))
+        if cfg.crf and len(keys):
+            class_of_label = np.concatenate([[0], keys]).astype(np.uint8)
+            label_of_class = {int(c): i for i, c in enumerate(class_of_label)}
+            labels = np.vectorize(label_of_class.get)(mask)
+            refined = crf_inference(image, labels, len(class_of_label), t=cfg.crf_iterations,
+                                    gt_prob=cfg.crf_gt_prob)
+            mask = class_of_label[refined]
+        return mask
+
+
+def run(cfg, ids: list[str] | None = None) -> dict:
+    """Write ``5_pseudo_masks/<id>.png`` for every image with CAMs (resuming)."""
+    start = time.time()
+    checkpoint = Path(cfg.pseudo.checkpoint or step_dir(cfg.work_dir, 4) / "best.pt")
+    if not checkpoint.is_file():
+        raise ConfigError(f"key 'pseudo.checkpoint': IRNet checkpoint not found: {checkpoint}")
+    device = resolve_device(cfg.device)
+    source = build_source(cfg.dataset, cfg.pseudo.split)
+    cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 5)
+    save_config(cfg, out_dir)
+    maker = PseudoMaskMaker(checkpoint, device, cfg.pseudo)
+    ids = source.ids if ids is None else ids
+    todo = [i for i in pending_ids(ids, out_dir, ".png", cfg.overwrite)
+            if (cam_dir / f"{i}.npz").is_file()]
+
+    def make(image_id: str) -> None:
+        mask = maker(source.load_image(image_id), load_cams(cam_dir / f"{image_id}.npz"))
+        save_png(out_dir / f"{image_id}.png", mask)
+
+    with torch.no_grad():
+        written, failed = run_over_images(todo, make, "5 pseudo masks", cfg.on_error)
+    summary = {"written": written, "failed": failed, "skipped_existing": len(ids) - len(todo),
+               "seconds": round(time.time() - start, 2)}
+    mark_done(out_dir, summary)
+    print(f"5_pseudo_masks: {written} written, {len(failed)} failed -> {out_dir}", file=sys.stderr)
+    return summary

@@ -1,0 +1,71 @@
+"""Step 7 inside the pipeline: run the standalone submission script on a dataset split.
+
+The submission folder imports nothing from this repo, so the pipeline runs it exactly as a
+user would, as a separate process, on a folder of image files. Generated datasets (toy)
+have no files: their split is written out once as PNGs first.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from inference.common.step_io import atomic_write, mark_done, step_dir
+from model_training.common.config import ConfigError, save_config
+from model_training.common.datasets import build_source
+
+SUBMIT_DIR = Path(__file__).resolve().parent / "submit"
+
+DEFAULTS = {
+    "submit": {
+        "split": "val",
+        # The submission folder's own config (TTA scales, flip, input size, weights); None:
+        # <work_dir>/6_segmentation/export_config.yaml, which step 6 writes beside model.pt.
+        "config": None,
+    },
+}
+
+
+def split_image_folder(cfg, source) -> tuple[Path, Path | None]:
+    """(DATA_DIR, ids file) for the script: the dataset's own images, or a written-out copy."""
+    root = getattr(source, "root", None)
+    if root is not None and (Path(root) / "JPEGImages").is_dir():
+        ids_file = Path(cfg.work_dir) / f"{cfg.submit.split}_ids.txt"
+        ids_file.write_text("\n".join(source.ids) + "\n")
+        return Path(root) / "JPEGImages", ids_file
+    folder = Path(cfg.work_dir) / f"images_{cfg.submit.split}"
+    folder.mkdir(parents=True, exist_ok=True)
+    from PIL import Image
+
+    for image_id in source.ids:
+        path = folder / f"{image_id}.png"
+        if not path.is_file():
+            image = source.load_image(image_id)
+            atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
+    return folder, None
+
+
+def run(cfg) -> dict:
+    """Predict every image of ``submit.split`` into ``7_predictions/``; returns a summary."""
+    start = time.time()
+    out_dir = step_dir(cfg.work_dir, 7)
+    save_config(cfg, out_dir)
+    source = build_source(cfg.dataset, cfg.submit.split)
+    data_dir, ids_file = split_image_folder(cfg, source)
+    submit_config = Path(cfg.submit.config or step_dir(cfg.work_dir, 6) / "export_config.yaml")
+    if not submit_config.is_file():
+        raise ConfigError(f"key 'submit.config': submission config not found: {submit_config}")
+    command = [sys.executable, str(SUBMIT_DIR / "generate_predictions.py"), str(out_dir),
+               str(data_dir), "--config", str(submit_config), "--device", cfg.device]
+    if ids_file is not None:
+        command += ["--ids", str(ids_file.resolve())]
+    if cfg.overwrite:
+        command.append("--overwrite")
+    result = subprocess.run(command)
+    if result.returncode != 0:
+        raise RuntimeError(f"generate_predictions.py exited with code {result.returncode}")
+    summary = {"written": len(list(out_dir.glob("*.png"))), "split": cfg.submit.split,
+               "seconds": round(time.time() - start, 2)}
+    mark_done(out_dir, summary)
+    return summary

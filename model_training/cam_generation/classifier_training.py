@@ -1,0 +1,397 @@
+"""Step 1: train the multi-label classifier the CAMs come from (DESIGN.md sections 5-6).
+
+Missing labels and class imbalance are handled here, before the shared training loop:
+``exclude_classes`` leaves classes out of the head, ``drop_images_with`` removes images that
+carry them from the training list ("no people allowed"), ``negative_weight`` trusts a
+missing label less than a present one, ``pos_weight`` and the repeat-factor sampler lift
+rare classes. A binary classifier for an excluded class is the same code path with
+``target_classes: [person]``, its own ``train_list`` and ``variant: person``.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from tqdm import tqdm
+
+from inference.common.step_io import STEP_DIRS, mark_done, report_failure
+from model_training.common.config import (COMMON_DEFAULTS, Config, ConfigError, merge_defaults,
+                                          resolve_device, save_config)
+from model_training.common.datasets import (ImageLoadError, ImageSource, build_source,
+                                            labels_to_vector)
+from model_training.common.models import CamClassifier, backbone_exists, build_cam_classifier
+from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume,
+                                           seed_everything, seed_worker)
+from model_training.common.transforms import build_transform
+
+DEFAULTS: dict[str, Any] = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, {
+    "variant": "",  # non-empty: write to 1_classifier_<variant> (e.g. a binary "person" model)
+    "model": {
+        "backbone": "tf_efficientnet_lite0",  # resnet50 | vgg16 | any timm model
+        "weights": "imagenet",  # imagenet | none | path to a state dict
+        "output_stride": 16,  # 8 | 16 | 32: CAM resolution
+        "freeze_bn": False,  # keep BatchNorm statistics fixed (small batches)
+    },
+    "data": {
+        "train_list": "",  # file of image ids (one a line) replacing the training split's list
+        "target_classes": [],  # names or ids the head predicts; empty: every foreground class
+        "exclude_classes": [],  # names or ids left out of the head
+        "drop_images_with": [],  # names or ids: training images labelled with them are removed
+        "resize_long": [320, 320],  # training long side, drawn from [low, high]; val: the middle
+        "scale_range": [],  # optional extra random rescale [low, high]
+        "crop_size": 0,  # random crop (padded) to a square; 0: none (images must share a size)
+        "hflip": True,
+        "color_jitter": 0.0,
+        "repeat_threshold": 0.0,  # repeat-factor sampling threshold t (LVIS); 0: off
+    },
+    "loss": {
+        "pos_weight": False,  # weigh positives of class c by #negatives/#positives (clipped)
+        "max_pos_weight": 10.0,
+        "negative_weight": 1.0,  # < 1 trusts an absent label less (missing labels)
+    },
+    "val": {
+        "batch_size": 32,
+        "threshold": 0.5,  # sigmoid threshold of the F1 scores
+    },
+})
+
+
+# ---- classes and images -------------------------------------------------------------------
+def class_id(source: ImageSource, item: Any, key: str) -> int:
+    """A foreground class given by id or name; anything else is a ConfigError naming ``key``."""
+    if isinstance(item, int) and not isinstance(item, bool) and 0 < item < source.num_classes:
+        return item
+    if isinstance(item, str) and item in source.class_names[1:]:
+        return source.class_names.index(item)
+    raise ConfigError(f"key '{key}': unknown class {item!r} "
+                      f"(classes: {', '.join(source.class_names[1:])})")
+
+
+def output_class_ids(source: ImageSource, target_classes: Sequence = (),
+                     exclude_classes: Sequence = ()) -> list[int]:
+    """The classes the head predicts, in dataset order: targets (all) minus exclusions."""
+    if target_classes:
+        targets = {class_id(source, c, "data.target_classes") for c in target_classes}
+    else:
+        targets = set(range(1, source.num_classes))
+    excluded = {class_id(source, c, "data.exclude_classes") for c in exclude_classes}
+    ids = sorted(targets - excluded)
+    if not ids:
+        raise ConfigError("keys 'data.target_classes'/'data.exclude_classes' leave no class to train")
+    return ids
+
+
+def read_id_list(path: str | Path) -> list[str]:
+    """Image ids, one a line (further columns ignored), as in VOC's ImageSets."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"key 'data.train_list': file does not exist: {path}")
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+def training_images(source: ImageSource, ids: Iterable[str], drop_class_ids: Iterable[int],
+                    on_error: str = "skip") -> tuple[list[str], list[list[int]], int]:
+    """(kept ids, their labels, number dropped for carrying a ``drop_images_with`` class).
+
+    An image whose labels cannot be read is reported and left out.
+    """
+    drop = set(drop_class_ids)
+    kept, labels, dropped = [], [], 0
+    for image_id in ids:
+        try:
+            image_labels = source.labels(image_id)
+        except ImageLoadError as err:
+            report_failure(image_id, err)
+            if on_error == "stop":
+                raise
+            continue
+        if drop.intersection(image_labels):
+            dropped += 1
+            continue
+        kept.append(image_id)
+        labels.append(list(image_labels))
+    return kept, labels, dropped
+
+
+class MultiLabelDataset(Dataset):
+    """Images of a source with multi-hot targets over the classifier's outputs.
+
+    An unreadable image is reported once (the error names the file) and never tried
+    again. With ``substitute`` (training) the next readable image takes its place, so
+    batches keep their size; without it (validation) the item is None and
+    ``collate_images`` leaves it out, so no image is counted twice.
+    """
+
+    def __init__(self, source: ImageSource, ids: Sequence[str], labels: Sequence[Sequence[int]],
+                 class_ids: Sequence[int], transform, substitute: bool, on_error: str = "skip"):
+        self.source = source
+        self.ids = list(ids)
+        self.targets = np.stack([labels_to_vector(l, class_ids) for l in labels]) if ids else \
+            np.zeros((0, len(class_ids)), np.float32)
+        self.transform = transform
+        self.substitute = substitute
+        self.on_error = on_error
+        self.unreadable: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _load(self, index: int):
+        image_id = self.ids[index]
+        if image_id in self.unreadable:
+            return None
+        try:
+            image = self.source.load_image(image_id)
+        except ImageLoadError as err:
+            if self.on_error == "stop":
+                raise
+            self.unreadable.add(image_id)
+            report_failure(image_id, err)
+            return None
+        tensor, _ = self.transform(image)
+        return {"image": tensor, "target": torch.from_numpy(self.targets[index]), "index": index}
+
+    def __getitem__(self, index: int):
+        if not self.substitute:
+            return self._load(index)
+        for step in range(len(self.ids)):
+            item = self._load((index + step) % len(self.ids))
+            if item is not None:
+                return item
+        raise RuntimeError("no image of the training list could be read")
+
+
+def collate_images(items: list) -> dict | None:
+    """Stack items (None ones left out), zero-padding images to the batch's largest size."""
+    items = [item for item in items if item is not None]
+    if not items:
+        return None
+    height = max(item["image"].shape[1] for item in items)
+    width = max(item["image"].shape[2] for item in items)
+    images = torch.stack([F.pad(item["image"], (0, width - item["image"].shape[2],
+                                                0, height - item["image"].shape[1]))
+                          for item in items])
+    return {"image": images, "target": torch.stack([item["target"] for item in items]),
+            "index": torch.tensor([item["index"] for item in items])}
+
+
+# ---- imbalance ----------------------------------------------------------------------------
+def positive_weights(targets: np.ndarray, max_weight: float) -> torch.Tensor:
+    """BCE ``pos_weight`` per class: #negatives / #positives, clipped to [1/max, max]."""
+    positives = targets.sum(axis=0)
+    negatives = len(targets) - positives
+    weights = negatives / np.maximum(positives, 1.0)
+    return torch.from_numpy(np.clip(weights, 1.0 / max_weight, max_weight).astype(np.float32))
+
+
+def repeat_factors(targets: np.ndarray, threshold: float) -> np.ndarray:
+    """LVIS repeat factors: r_c = max(1, sqrt(t / f_c)), an image's r = max over its classes.
+
+    f_c is the share of training images labelled c; images without labels repeat once.
+    """
+    frequency = targets.mean(axis=0)
+    class_factor = np.maximum(1.0, np.sqrt(threshold / np.maximum(frequency, 1e-12)))
+    factors = np.where(targets > 0, class_factor[None, :], 1.0).max(axis=1, initial=1.0)
+    return factors
+
+
+class RepeatFactorSampler(Sampler[int]):
+    """Each epoch image i appears floor(r_i) or ceil(r_i) times (stochastic rounding),
+    shuffled; the draw depends only on (seed, epoch). ``num_replicas``/``rank`` shard the
+    epoch for distributed training.
+    """
+
+    def __init__(self, factors: np.ndarray, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        self.factors = torch.as_tensor(factors, dtype=torch.float64)
+        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        whole = torch.floor(self.factors)
+        counts = whole + (torch.rand(len(self.factors), generator=generator, dtype=torch.float64)
+                          < self.factors - whole)
+        indices = torch.repeat_interleave(torch.arange(len(self.factors)), counts.long())
+        indices = indices[torch.randperm(len(indices), generator=generator)]
+        self.indices = indices[self.rank::self.num_replicas].tolist()
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+# ---- loss and metrics ---------------------------------------------------------------------
+def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor,
+                    pos_weight: torch.Tensor | None = None,
+                    negative_weight: float = 1.0) -> torch.Tensor:
+    """Multi-label soft-margin loss (= BCE-with-logits averaged over classes and images),
+    with optional per-class positive weights and a weight for absent labels."""
+    loss = F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=pos_weight,
+                                              reduction="none")
+    if negative_weight != 1.0:
+        loss = loss * torch.where(targets > 0, 1.0, negative_weight)
+    return loss.mean()
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Area under the precision-recall curve as a step function over distinct scores
+    (the VOC/sklearn definition); NaN for a class without positives."""
+    targets = np.asarray(targets, dtype=np.float64)
+    if targets.sum() == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores), kind="mergesort")
+    sorted_scores, hits = np.asarray(scores)[order], targets[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(hits) - 1]
+    true_pos = np.cumsum(hits)[last_of_tie]
+    precision = true_pos / (last_of_tie + 1)
+    recall = true_pos / true_pos[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def classification_metrics(scores: np.ndarray, targets: np.ndarray, names: Sequence[str],
+                           threshold: float = 0.5) -> dict:
+    """mAP, per-class AP and F1 (micro and macro) at ``threshold`` over classes with positives."""
+    present = targets.sum(axis=0) > 0
+    ap = {name: average_precision(scores[:, k], targets[:, k]) for k, name in enumerate(names)}
+    predicted = scores >= threshold
+    true_pos = (predicted & (targets > 0)).sum(axis=0)
+    false_pos = (predicted & (targets == 0)).sum(axis=0)
+    false_neg = (~predicted & (targets > 0)).sum(axis=0)
+    per_class_f1 = 2 * true_pos / np.maximum(2 * true_pos + false_pos + false_neg, 1)
+    micro = 2 * true_pos.sum() / max(2 * true_pos.sum() + false_pos.sum() + false_neg.sum(), 1)
+    return {
+        "map": float(np.mean([ap[n] for n, p in zip(names, present) if p])) if present.any()
+        else float("nan"),
+        "f1_micro": float(micro),
+        "f1_macro": float(per_class_f1[present].mean()) if present.any() else float("nan"),
+        "ap": {n: v for n, v in ap.items() if not np.isnan(v)},
+    }
+
+
+@torch.no_grad()
+def predict_scores(model: CamClassifier, loader: DataLoader, device: torch.device,
+                   show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(sigmoid scores, targets) over a loader of ``collate_images`` batches."""
+    scores, targets = [], []
+    for batch in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=not show_progress):
+        if batch is None:
+            continue
+        logits = model(batch["image"].to(device, non_blocking=True))
+        scores.append(torch.sigmoid(logits.float()).cpu())
+        targets.append(batch["target"])
+    if not scores:
+        raise RuntimeError("no validation image could be read")
+    return torch.cat(scores).numpy(), torch.cat(targets).numpy()
+
+
+# ---- the step -----------------------------------------------------------------------------
+def classifier_dir(work_dir: str | Path, variant: str = "") -> Path:
+    """``<work_dir>/1_classifier`` or ``<work_dir>/1_classifier_<variant>``."""
+    name = STEP_DIRS[1] + (f"_{variant}" if variant else "")
+    return Path(work_dir) / name
+
+
+def _transform(data: Config, train: bool):
+    return build_transform(train, crop_size=data.crop_size or None, resize_long=data.resize_long,
+                           scale_range=data.scale_range or None, hflip=data.hflip,
+                           color_jitter=data.color_jitter)
+
+
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=None,
+            drop_last: bool = False) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_images, drop_last=drop_last, worker_init_fn=seed_worker,
+                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def _check_config(cfg: Config) -> None:
+    if not backbone_exists(cfg.model.backbone):
+        raise ConfigError(f"key 'model.backbone': unknown backbone {cfg.model.backbone!r} "
+                          f"(resnet50, vgg16 or a timm model name)")
+    if cfg.model.output_stride not in (8, 16, 32):
+        raise ConfigError(f"key 'model.output_stride' must be 8, 16 or 32, got {cfg.model.output_stride}")
+    if cfg.model.weights not in ("imagenet", "none") and not Path(cfg.model.weights).is_file():
+        raise ConfigError(f"key 'model.weights': 'imagenet', 'none' or a file; not found: "
+                          f"{cfg.model.weights}")
+    for key in ("resize_long", "scale_range"):
+        if cfg.data[key] and len(cfg.data[key]) != 2:
+            raise ConfigError(f"key 'data.{key}' must be [low, high]")
+
+
+def train_classifier(cfg: Config) -> dict:
+    """Run step 1 from a resolved config; returns the Trainer summary plus the output paths."""
+    started = time.time()
+    _check_config(cfg)
+    out_dir = classifier_dir(cfg.work_dir, cfg.variant)
+    check_resume(out_dir, cfg.resume, cfg.overwrite)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    source = build_source(cfg.dataset, cfg.dataset.train_split)
+    class_ids = output_class_ids(source, cfg.data.target_classes, cfg.data.exclude_classes)
+    drop_ids = [class_id(source, c, "data.drop_images_with") for c in cfg.data.drop_images_with]
+    listed = read_id_list(cfg.data.train_list) if cfg.data.train_list else source.ids
+    ids, labels, dropped = training_images(source, listed, drop_ids, cfg.on_error)
+    if not ids:
+        raise ConfigError("no training images left after 'data.drop_images_with' / 'data.train_list'")
+    names = [source.class_names[c] for c in class_ids]
+    print(f"1_classifier: {len(ids)} training images ({dropped} dropped by drop_images_with), "
+          f"{len(class_ids)} outputs: {', '.join(names)}", file=sys.stderr)
+
+    train_set = MultiLabelDataset(source, ids, labels, class_ids, _transform(cfg.data, True),
+                                  substitute=True, on_error=cfg.on_error)
+    if cfg.data.repeat_threshold > 0:
+        sampler: Sampler = RepeatFactorSampler(
+            repeat_factors(train_set.targets, cfg.data.repeat_threshold), seed=cfg.seed)
+    else:
+        sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    batch_size = cfg.train.batch_size
+    train_loader = _loader(train_set, batch_size, cfg.num_workers, sampler,
+                           drop_last=len(sampler) > batch_size)
+
+    validate_fn = None
+    if cfg.dataset.val_split:
+        val_source = build_source(cfg.dataset, cfg.dataset.val_split)
+        val_ids, val_labels, _ = training_images(val_source, val_source.ids, [], cfg.on_error)
+        val_set = MultiLabelDataset(val_source, val_ids, val_labels, class_ids,
+                                    _transform(cfg.data, False), substitute=False,
+                                    on_error=cfg.on_error)
+        val_loader = _loader(val_set, cfg.val.batch_size, cfg.num_workers)
+
+        def validate_fn(model: CamClassifier) -> dict:
+            scores, targets = predict_scores(model, val_loader, device)
+            return classification_metrics(scores, targets, names, cfg.val.threshold)
+
+    model = build_cam_classifier(cfg.model.backbone, cfg.model.weights, cfg.model.output_stride,
+                                 class_ids, freeze_bn=cfg.model.freeze_bn).to(device)
+    pos_weight = (positive_weights(train_set.targets, cfg.loss.max_pos_weight).to(device)
+                  if cfg.loss.pos_weight else None)
+
+    def step_fn(net, batch) -> dict:
+        logits = net(batch["image"])
+        return {"loss": multilabel_loss(logits, batch["target"], pos_weight,
+                                        cfg.loss.negative_weight)}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir)
+    trainer = Trainer(
+        model, model.parameter_groups(cfg.train.new_layer_lr_mult), train_loader, out_dir,
+        cfg.train, device, step_fn=step_fn, validate_fn=validate_fn,
+        best_metric="map" if validate_fn else None,
+        checkpoint_fields={**model.checkpoint_fields(), "class_names": names,
+                           "config": cfg.to_dict()},
+        resume=cfg.resume)
+    summary = trainer.fit()
+    summary = {**summary, "out_dir": str(out_dir), "class_ids": class_ids,
+               "num_train_images": len(ids), "seconds": round(time.time() - started, 1),
+               "val_map": summary["best_score"] if validate_fn else None}
+    mark_done(out_dir, summary)
+    return summary

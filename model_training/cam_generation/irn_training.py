@@ -1,0 +1,134 @@
+"""Step 4: train IRNet's boundary (and optional displacement) branches on the IR labels.
+
+The backbone is ImageNet-pretrained and frozen; only the branches learn, from pairs of
+pixels within ``irn.radius`` (stride 4) whose IR labels agree (positive affinity) or
+differ (negative). Pixels labelled 255 give no pairs.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from inference.common.path_index import PathIndex, edge_to_affinity
+from inference.common.step_io import load_png, mark_done, step_dir
+from model_training.common.config import (COMMON_DEFAULTS, ConfigError, merge_defaults,
+                                          resolve_device, save_config)
+from model_training.common.datasets import build_source
+from model_training.common.irn_labels import affinity_targets, irn_losses, label_to_stride
+from model_training.common.models import backbone_exists, build_multilevel_backbone
+from model_training.common.models.irnet import IRNet
+from model_training.common.trainer import TRAIN_DEFAULTS, Trainer, check_resume, seed_everything, seed_worker
+from model_training.common.transforms import build_transform
+
+DEFAULTS: dict[str, Any] = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, {
+    "irn": {
+        "split": "train",
+        "backbone": "resnet50",  # resnet50 | vgg16 | any timm model
+        "weights": "imagenet",  # imagenet | none | path to a state dict
+        "output_stride": 16,
+        "with_displacement": True,  # semantic masks need only the boundary branch
+        "displacement_lr_mult": 10.0,
+        "radius": 10,  # path-index radius at stride 4 for training pairs
+    },
+    "data": {
+        "resize_long": [320, 640],
+        "scale_range": [],
+        "crop_size": 512,
+        "hflip": True,
+    },
+    "train": {"epochs": 3, "batch_size": 32, "lr": 0.1},
+})
+
+
+class IRLabelDataset(Dataset):
+    """Training images with their ``3_ir_labels`` PNG, augmented jointly (label pad = 255)."""
+
+    def __init__(self, source, ids, label_dir: Path, transform):
+        self.source, self.ids, self.label_dir, self.transform = source, list(ids), label_dir, transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.ids[index]
+        image = self.source.load_image(image_id)
+        label = load_png(self.label_dir / f"{image_id}.png")
+        if label.shape != image.shape[:2]:
+            raise ValueError(f"{self.label_dir / image_id}.png: label {label.shape} vs image "
+                             f"{image.shape[:2]}")
+        tensor, label = self.transform(image, label)
+        return {"image": tensor, "label": label}
+
+
+def build_irnet(irn_cfg, weights: str | None = None) -> IRNet:
+    backbone, channels = build_multilevel_backbone(
+        irn_cfg["backbone"], weights or irn_cfg["weights"], irn_cfg["output_stride"])
+    return IRNet(backbone, channels, with_displacement=irn_cfg["with_displacement"])
+
+
+def load_irnet(path, device) -> IRNet:
+    """A trained IRNet from a step-4 checkpoint, in eval mode."""
+    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    model = build_irnet(checkpoint["arch"], weights="none")
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()
+
+
+def _check(cfg) -> None:
+    if not backbone_exists(cfg.irn.backbone):
+        raise ConfigError(f"key 'irn.backbone': unknown backbone {cfg.irn.backbone!r}")
+    if not cfg.data.crop_size:
+        raise ConfigError("key 'data.crop_size' must be set: IRNet trains on square crops")
+
+
+def run(cfg) -> dict:
+    """Train IRNet into ``4_irn/`` (best.pt = last epoch); returns the trainer's summary."""
+    started = time.time()
+    _check(cfg)
+    out_dir = step_dir(cfg.work_dir, 4)
+    check_resume(out_dir, cfg.resume, cfg.overwrite)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    source = build_source(cfg.dataset, cfg.irn.split)
+    label_dir = step_dir(cfg.work_dir, 3)
+    ids = [i for i in source.ids if (label_dir / f"{i}.png").is_file()]
+    if not ids:
+        raise ConfigError(f"no IR labels in {label_dir}: run step 3 first")
+    if len(ids) < len(source.ids):
+        print(f"4_irn: {len(source.ids) - len(ids)} images have no IR label and are left out",
+              file=sys.stderr)
+    transform = build_transform(True, crop_size=cfg.data.crop_size, resize_long=cfg.data.resize_long,
+                                scale_range=cfg.data.scale_range or None, hflip=cfg.data.hflip)
+    dataset = IRLabelDataset(source, ids, label_dir, transform)
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
+                        num_workers=cfg.num_workers, worker_init_fn=seed_worker,
+                        drop_last=len(dataset) > cfg.train.batch_size,
+                        persistent_workers=cfg.num_workers > 0)
+    model = build_irnet(cfg.irn).to(device)
+    path_index = PathIndex(cfg.irn.radius)
+
+    def step_fn(net, batch) -> dict:
+        out = net(batch["image"])
+        label = label_to_stride(batch["label"], out.edge_logits.shape[-2:])
+        targets = affinity_targets(label, path_index)
+        affinity = edge_to_affinity(out.boundary, path_index)
+        losses = irn_losses(affinity, targets, path_index, out.displacement)
+        return {"loss": losses.pop("total"), **losses}
+
+    save_config(cfg, out_dir)
+    arch = {k: cfg.irn[k] for k in ("backbone", "weights", "output_stride", "with_displacement")}
+    trainer = Trainer(model, model.param_groups(cfg.irn.displacement_lr_mult), loader, out_dir,
+                      cfg.train, device, step_fn=step_fn,
+                      checkpoint_fields={"arch": arch, "config": cfg.to_dict()},
+                      resume=cfg.resume)
+    summary = trainer.fit()
+    summary = {**summary, "images": len(ids), "seconds": round(time.time() - started, 2)}
+    mark_done(out_dir, summary)
+    return summary

@@ -1,0 +1,10 @@
+"""Backbones, offline weights and the CAM classifier shared by the training steps."""
+from .backbones import backbone_exists, build_backbone, build_multilevel_backbone
+from .classifier import CamClassifier, build_cam_classifier, load_cam_classifier
+from .weights import WeightsError, efficientnet_lite_state_dict
+
+__all__ = [
+    "CamClassifier", "WeightsError", "backbone_exists", "build_backbone",
+    "build_cam_classifier", "build_multilevel_backbone", "efficientnet_lite_state_dict",
+    "load_cam_classifier",
+]

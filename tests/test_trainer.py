@@ -1,0 +1,109 @@
+"""The shared training loop: LR schedules, parameter groups, checkpoints and resume."""
+import csv
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from model_training.common.config import ConfigError, merge_defaults
+from model_training.common.trainer import (TRAIN_DEFAULTS, LRSchedule, Trainer, build_optimizer,
+                                           check_resume, flatten_metrics, seed_everything)
+
+
+def test_poly_and_step_schedules():
+    poly = LRSchedule("poly", epochs=4, poly_power=0.9)
+    assert poly.factor(0) == 1.0
+    assert poly.factor(2) == pytest.approx(0.5 ** 0.9)
+    assert poly.factor(3.5) == pytest.approx(0.125 ** 0.9)
+    assert poly.factor(4) == 0.0
+    step = LRSchedule("step", epochs=10, step_epochs=[3, 6], step_gamma=0.1)
+    assert [step.factor(e) for e in (0, 2.99, 3, 5.5, 6, 9)] == pytest.approx(
+        [1, 1, 0.1, 0.1, 0.01, 0.01])
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        LRSchedule("cosine", epochs=1)
+
+
+def test_optimizer_groups_scale_lr_and_schedule_applies_per_group():
+    backbone, head = nn.Linear(2, 2), nn.Linear(2, 1)
+    cfg = {**TRAIN_DEFAULTS["train"], "lr": 0.02}
+    opt = build_optimizer([{"params": backbone.parameters(), "lr_mult": 1.0},
+                           {"params": head.parameters(), "lr_mult": 10.0},
+                           {"params": [], "lr_mult": 5.0}], cfg)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.02, 0.2])
+    LRSchedule("poly", epochs=2, poly_power=1.0).apply(opt, 1.0)
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 0.1])
+
+
+def test_flatten_metrics_nests_names_and_keeps_numbers():
+    flat = flatten_metrics({"map": 0.5, "ap": {"car": 1, "pole": 0.25}, "note": "x"}, "val/")
+    assert flat == {"val/map": 0.5, "val/ap/car": 1.0, "val/ap/pole": 0.25}
+
+
+def _regression_data():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(24, 3, generator=gen)
+    y = x @ torch.tensor([[1.0], [-2.0], [0.5]]) + 0.1 * torch.randn(24, 1, generator=gen)
+    return TensorDataset(x, y)
+
+
+def _train(out_dir, epochs, resume=False, scores=None):
+    """A linear regression trained by the shared loop; ``scores`` scripts validation."""
+    seed_everything(0)
+    data = _regression_data()
+    loader = DataLoader(data, batch_size=4,
+                        sampler=DistributedSampler(data, num_replicas=1, rank=0, seed=0))
+    model = nn.Linear(3, 1)
+    cfg = merge_defaults(TRAIN_DEFAULTS["train"], {"epochs": epochs, "lr": 0.05,
+                                                   "lr_schedule": "constant"})
+    calls = []
+
+    def validate(net):
+        assert not net.training and not torch.is_grad_enabled()
+        calls.append(1)
+        return {"score": scores[len(calls) - 1] if scores else -float(net.bias), "other": {"a": 1}}
+
+    trainer = Trainer(model, [{"params": model.parameters()}], loader, out_dir, cfg, "cpu",
+                      step_fn=lambda net, b: {"loss": nn.functional.mse_loss(net(b[0]), b[1])},
+                      validate_fn=validate, best_metric="score",
+                      checkpoint_fields={"class_ids": [1, 2]}, resume=resume)
+    return model, trainer.fit()
+
+
+def test_checkpoints_load_weights_only_and_best_follows_metric(tmp_path):
+    _, summary = _train(tmp_path, epochs=3, scores=[0.5, 0.9, 0.7])
+    assert summary["best_epoch"] == 2 and summary["best_score"] == 0.9
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert best["epoch"] == 2 and best["class_ids"] == [1, 2] and "optimizer" not in best
+    assert last["epoch"] == 3 and {"optimizer", "scaler", "rng"} <= set(last)
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[1]["val/score"]) == 0.9 and "val/other/a" in rows[0]
+    assert any((tmp_path / "tb").iterdir())
+
+
+def test_resume_continues_where_it_stopped_and_matches_an_uninterrupted_run(tmp_path):
+    straight, _ = _train(tmp_path / "straight", epochs=3)
+    _train(tmp_path / "split", epochs=2)
+    with pytest.raises(ConfigError, match="resume=true"):
+        check_resume(tmp_path / "split", resume=False, overwrite=False)
+    resumed, summary = _train(tmp_path / "split", epochs=3, resume=True)
+    assert summary["epochs"] == 3
+    assert torch.load(tmp_path / "split" / "last.pt", weights_only=True)["epoch"] == 3
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b)
+    with open(tmp_path / "split" / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_nan_loss_stops_with_a_clear_message(tmp_path):
+    data = _regression_data()
+    model = nn.Linear(3, 1)
+    trainer = Trainer(model, [{"params": model.parameters()}], DataLoader(data, batch_size=8),
+                      tmp_path, merge_defaults(TRAIN_DEFAULTS["train"], {"epochs": 1}), "cpu",
+                      step_fn=lambda net, b: {"loss": net(b[0]).sum() * math.nan})
+    with pytest.raises(FloatingPointError, match="train.lr"):
+        trainer.fit()
