@@ -38,9 +38,13 @@ def cam_overlay(image: np.ndarray, cams: np.ndarray, alpha: float = 0.5) -> np.n
     return (alpha * colored + (1 - alpha) * image).astype(np.uint8)
 
 
-def image_grid(rows: list[list[np.ndarray]], titles: list[str], pad: int = 4) -> np.ndarray:
-    """Rows of equally sized RGB tiles, with a title band over each column."""
+def image_grid(rows: list[list[np.ndarray]], titles: list[str], pad: int = 4,
+               min_tile_width: int = 192) -> np.ndarray:
+    """Rows of equally sized RGB tiles, with a title band over each column; small tiles are
+    enlarged (nearest neighbour, so label maps stay crisp) to ``min_tile_width``."""
     tile_h, tile_w = rows[0][0].shape[:2]
+    if tile_w < min_tile_width:
+        tile_h, tile_w = round(tile_h * min_tile_width / tile_w), min_tile_width
     band = 18
     height = band + len(rows) * (tile_h + pad) + pad
     width = len(titles) * (tile_w + pad) + pad

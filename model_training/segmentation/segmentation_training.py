@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from inference.common.metrics import ConfusionMatrix
-from inference.common.step_io import atomic_write, load_png, mark_done, report_failure, step_dir
+from inference.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done, report_failure,
+                                      step_dir)
 from model_training.common.config import ConfigError, merge_defaults, resolve_device, save_config
 from model_training.common.datasets import ImageLoadError, ImageSource, build_source
 from model_training.common.models.weights import (LITE_HEAD_PREFIXES, WeightsError,
@@ -178,7 +179,7 @@ def mask_dir_for(cfg: Mapping) -> Path | None:
         raise ConfigError(f"key 'mask_source' must be pseudo or gt, got {cfg['mask_source']!r}")
     if cfg["mask_source"] == "gt":
         return None
-    folder = cfg["pseudo_mask_dir"] or Path(cfg["work_dir"]) / "5_pseudo_masks"
+    folder = cfg["pseudo_mask_dir"] or Path(cfg["work_dir"]) / STEP_DIRS[5]
     if not Path(folder).is_dir():
         raise ConfigError(f"key 'pseudo_mask_dir': folder not found: {folder} (run step 5 first, "
                           f"or set mask_source=gt)")
@@ -227,6 +228,9 @@ class SegmentationDataset(Dataset):
         if mask is None or mask.shape != image.shape[:2]:
             shape = None if mask is None else mask.shape
             raise ImageLoadError(f"mask of {image_id} has shape {shape}, image {image.shape[:2]}")
+        if np.any((mask >= self.source.num_classes) & (mask != IGNORE_INDEX)):
+            raise ImageLoadError(f"mask of {image_id} holds ids beyond the "
+                                 f"{self.source.num_classes} classes")
         return image, mask
 
     def __getitem__(self, index: int):
@@ -275,15 +279,26 @@ def full_size_logits(model: nn.Module, image: torch.Tensor, input_long_side: int
     return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
 
 
+@torch.inference_mode()
 def evaluate(model: nn.Module, source: ImageSource, ids: Sequence[str],
-             input_long_side: int | None) -> dict:
-    """mIoU, pixel accuracy and per-class IoU (percent) of ``ids`` against their ground truth."""
+             input_long_side: int | None, on_error: str = "skip") -> dict:
+    """mIoU, pixel accuracy and per-class IoU (percent) of ``ids`` against their ground truth.
+
+    ``model`` is expected in eval mode; an unreadable image is reported and left out.
+    """
     device = next(model.parameters()).device
     matrix = ConfusionMatrix(source.num_classes)
     for image_id in tqdm(ids, desc="val", unit="img", leave=False, dynamic_ncols=True):
-        image = image_to_tensor(source.load_image(image_id))[None].to(device)
-        pred = full_size_logits(model, image, input_long_side).argmax(1)[0]
-        matrix.update(pred.cpu().numpy(), source.load_mask(image_id))
+        try:
+            image, mask = source.load_image(image_id), source.load_mask(image_id)
+        except ImageLoadError as err:
+            report_failure(image_id, err)
+            if on_error == "stop":
+                raise
+            continue
+        tensor = image_to_tensor(image)[None].to(device)
+        pred = full_size_logits(model, tensor, input_long_side).argmax(1)[0]
+        matrix.update(pred.cpu().numpy(), mask)
     return matrix.summary(source.class_names)
 
 
@@ -313,17 +328,20 @@ def export_for_submission(out_dir: Path, checkpoint: Mapping, cfg: Mapping) -> P
 
 # ---- the step -----------------------------------------------------------------------------
 
-def _check_settings(cfg: Mapping, num_classes: int, stride: int) -> None:
+def _check_settings(cfg: Mapping, num_classes: int) -> None:
     long_side = cfg["data"]["input_long_side"]
     if long_side is not None and (not isinstance(long_side, int) or isinstance(long_side, bool)
                                   or long_side < 1):
         raise ConfigError(f"key 'data.input_long_side' must be null or a positive integer, got {long_side!r}")
-    crop = cfg["data"]["crop_size"]
-    if crop < stride or crop % stride:
-        raise ConfigError(f"key 'data.crop_size' must be a multiple of the network stride {stride}, got {crop}")
     weights = cfg["loss"]["class_weights"]
     if weights is not None and (not isinstance(weights, list) or len(weights) != num_classes):
         raise ConfigError(f"key 'loss.class_weights' must be null or a list of {num_classes} numbers")
+
+
+def _check_crop(crop: int, stride: int) -> None:
+    """Training batches go through the network uncropped: their side must fit its stride."""
+    if crop < stride or crop % stride:
+        raise ConfigError(f"key 'data.crop_size' must be a multiple of the network stride {stride}, got {crop}")
 
 
 def train_segmentation(cfg: Mapping) -> dict:
@@ -338,9 +356,10 @@ def train_segmentation(cfg: Mapping) -> dict:
     val_source = build_source(dataset_cfg, dataset_cfg["val_split"])
     mask_dir = mask_dir_for(cfg)
 
+    _check_settings(cfg, train_source.num_classes)
     model_config = model_config_from(cfg["model"], train_source.num_classes)
     model = build_model(model_config, cfg["model"]["encoder_weights"]).to(device)
-    _check_settings(cfg, train_source.num_classes, network_stride(model))
+    _check_crop(cfg["data"]["crop_size"], network_stride(model))
 
     data = cfg["data"]
     transform = build_transform(True, crop_size=data["crop_size"], resize_long=data["input_long_side"],
@@ -364,7 +383,7 @@ def train_segmentation(cfg: Mapping) -> dict:
         val_ids = val_source.ids[: cfg["val"]["max_images"] or None]
 
         def validate_fn(net: nn.Module) -> dict:
-            return evaluate(net, val_source, val_ids, data["input_long_side"])
+            return evaluate(net, val_source, val_ids, data["input_long_side"], cfg["on_error"])
     else:
         print(f"warning: split '{dataset_cfg['val_split']}' has no masks: no validation, "
               f"best.pt is the last epoch", file=sys.stderr)
