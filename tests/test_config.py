@@ -65,3 +65,23 @@ def test_parse_step_args_exits_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.nope" in err
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("crf.conf_fg_thress=0.3", "crf.conf_fg_thress"),
+    ("dataset.root=/no/such/folder", "dataset.root"),
+])
+def test_step_script_exits_2_with_one_line(tmp_path, override, needle):
+    """A real entry point: a misspelt key or a missing dataset root, before any work starts."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "inference" / "irn_steps" / "crf_cam_processing.py"),
+         "--config", str(REPO / "configs" / "camvid" / "3_crf.yaml"), f"work_dir={tmp_path}",
+         override], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr
+    assert not any(tmp_path.iterdir())  # nothing written
