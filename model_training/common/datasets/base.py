@@ -5,6 +5,7 @@ transforms they need, so adding a dataset means writing one source class.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -41,6 +42,26 @@ class ImageSource:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+class FolderSource(ImageSource):
+    """A source whose images and masks are files: subclasses set ``mask_dir`` and say
+    where an image lives (``image_path``)."""
+
+    mask_dir: Path
+
+    def image_path(self, image_id: str) -> Path:
+        raise NotImplementedError
+
+    def load_image(self, image_id: str) -> np.ndarray:
+        path = self.image_path(image_id)
+        if not path.is_file():
+            raise ImageLoadError(f"image file not found: {path}")
+        return read_rgb(path)
+
+    def load_mask(self, image_id: str) -> np.ndarray | None:
+        path = self.mask_dir / f"{image_id}.png"
+        return read_mask(path) if path.is_file() else None
 
 
 def read_rgb(path) -> np.ndarray:

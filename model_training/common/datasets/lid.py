@@ -11,12 +11,9 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import numpy as np
-
-from .base import ImageLoadError, ImageSource, read_mask, read_rgb
+from .base import FolderSource
 
 IMAGE_SUFFIXES = (".JPEG", ".jpg", ".jpeg", ".png")
-
 
 def _class_index(class_names: list[str]) -> dict[str, int]:
     """Both names and ids in ``classes.txt`` lines like 'n02672831 accordion' resolve."""
@@ -26,7 +23,6 @@ def _class_index(class_names: list[str]) -> dict[str, int]:
             index.setdefault(token, i)
         index.setdefault(line, i)
     return index
-
 
 def read_json_list(path: Path, class_index: dict[str, int]) -> dict[str, tuple[str, list[int]]]:
     """``[[path, [labels]]]`` -> {id: (path, class ids)}; an unknown class name is an error."""
@@ -44,15 +40,13 @@ def read_json_list(path: Path, class_index: dict[str, int]) -> dict[str, tuple[s
         out[Path(rel_path).stem] = (rel_path, sorted(set(ids)))
     return out
 
-
 def read_det_xml(path: Path, class_index: dict[str, int]) -> list[int]:
     """Class ids of the objects in one DET annotation (unknown WordNet ids are skipped)."""
     root = ET.parse(path).getroot()
     names = [obj.findtext("name") for obj in root.iter("object")]
     return sorted({class_index[n] for n in names if n in class_index})
 
-
-class LIDSource(ImageSource):
+class LIDSource(FolderSource):
     """One split of LID: ``train`` from the JSON list or XMLs, ``val``/``test`` from folders."""
 
     def __init__(self, root, split: str, class_names: list[str] | None = None,
@@ -98,16 +92,6 @@ class LIDSource(ImageSource):
             if path.with_suffix(suffix).is_file():
                 return path.with_suffix(suffix)
         return path.with_suffix(".JPEG")
-
-    def load_image(self, image_id: str) -> np.ndarray:
-        path = self.image_path(image_id)
-        if not path.is_file():
-            raise ImageLoadError(f"image file not found: {path}")
-        return read_rgb(path)
-
-    def load_mask(self, image_id: str) -> np.ndarray | None:
-        path = self.mask_dir / f"{image_id}.png"
-        return read_mask(path) if path.is_file() else None
 
     def labels(self, image_id: str) -> list[int]:
         return list(self._entries[image_id][1])

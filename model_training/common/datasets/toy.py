@@ -18,20 +18,14 @@ from typing import Any, Callable, Mapping, Sequence
 import cv2
 import numpy as np
 
+from ..config import COMMON_DEFAULTS
 from .base import ImageLoadError, ImageSource, labels_from_mask
 
 CLASS_NAMES = ["background", "person", "disc", "square", "triangle", "cross", "ring"]
 PERSON = 1
 
-# Defaults of the ``dataset.toy`` config section (the lead's COMMON_DEFAULTS mirrors them).
-TOY_DEFAULTS: dict[str, Any] = {
-    "seed": 0,
-    "num_train": 800,
-    "num_val": 160,
-    "num_test": 80,
-    "image_size": [96, 128],
-    "missing_label_rate": 0.5,
-}
+# Defaults of the ``dataset.toy`` config section.
+TOY_DEFAULTS: dict[str, Any] = COMMON_DEFAULTS["dataset"]["toy"]
 
 _SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 

@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
-from .base import ImageLoadError, ImageSource, labels_from_mask, read_mask, read_rgb
+from .base import FolderSource, ImageLoadError, labels_from_mask
 
 VOC2012_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -19,7 +17,6 @@ VOC2012_CLASSES = [
     "sheep", "sofa", "train", "tvmonitor",
 ]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-
 
 def read_class_names(root: Path, configured: list[str] | None) -> list[str]:
     if configured:
@@ -29,15 +26,13 @@ def read_class_names(root: Path, configured: list[str] | None) -> list[str]:
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return list(VOC2012_CLASSES)
 
-
 def read_split_ids(root: Path, split: str) -> list[str]:
     path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not path.is_file():
         raise FileNotFoundError(f"split list not found: {path}")
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
 
-
-class VOCSource(ImageSource):
+class VOCSource(FolderSource):
     """One split of a VOC-style folder; labels from cls_labels.json or derived from masks."""
 
     def __init__(self, root, split: str, class_names: list[str] | None = None,
@@ -71,16 +66,6 @@ class VOCSource(ImageSource):
             if path.is_file():
                 return path
         return self.root / "JPEGImages" / f"{image_id}.jpg"
-
-    def load_image(self, image_id: str) -> np.ndarray:
-        path = self.image_path(image_id)
-        if not path.is_file():
-            raise ImageLoadError(f"image file not found: {path}")
-        return read_rgb(path)
-
-    def load_mask(self, image_id: str) -> np.ndarray | None:
-        path = self.mask_dir / f"{image_id}.png"
-        return read_mask(path) if path.is_file() else None
 
     def labels(self, image_id: str) -> list[int]:
         if self._labels is not None and image_id in self._labels:
