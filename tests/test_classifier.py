@@ -47,7 +47,7 @@ def test_efficientnet_lite0_offline_weights_load_strictly_and_recognise_an_image
     assert int(probs.argmax()) == 652 and probs[652] > 0.3
 
 
-def test_efficientnet_lite_trunk_weights_and_smp_encoder_naming():
+def test_efficientnet_lite_trunk_loads_the_head_free_weights():
     trunk, channels = build_multilevel_backbone("tf_efficientnet_lite0", "imagenet", 16)
     head_free = efficientnet_lite_state_dict("tf_efficientnet_lite0", with_head=False)
     assert channels == [16, 24, 40, 112, 320] and trunk.reductions == [2, 4, 8, 16, 16]

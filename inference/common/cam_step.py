@@ -24,7 +24,7 @@ from model_training.common.transforms import image_to_tensor
 
 from .cam import (CAM_STRIDE, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams,
                   multiscale_cams, select_outputs)
-from .step_io import mark_done, pending_ids, report_failure, save_cams, step_dir
+from .step_io import clear_done, mark_done, pending_ids, report_failure, save_cams, step_dir
 
 DEFAULTS = {
     "cam": {
@@ -139,6 +139,7 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     source = build_source(cfg.dataset, cfg.cam.split)
     out_dir = step_dir(cfg.work_dir, 2)
     save_config(cfg, out_dir)
+    clear_done(out_dir)
     main = CamExtractor(checkpoints[0], device, cfg.cam)
     # An excluded class's binary classifier adds its map where it predicts the class.
     extras = [CamExtractor(path, device, cfg.cam) for path in checkpoints[1:]]

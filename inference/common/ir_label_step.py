@@ -8,7 +8,7 @@ from model_training.common.config import save_config
 from model_training.common.datasets import build_source
 
 from .ir_labels import process_image, run_pool
-from .step_io import mark_done, pending_ids, step_dir
+from .step_io import clear_done, mark_done, pending_ids, step_dir
 
 DEFAULTS = {
     "crf": {
@@ -43,6 +43,7 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     source = build_source(cfg.dataset, cfg.crf.split)
     cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 3)
     save_config(cfg, out_dir)
+    clear_done(out_dir)
     ids = source.ids if ids is None else ids
     todo = [i for i in pending_ids(ids, out_dir, ".png", cfg.overwrite)
             if (cam_dir / f"{i}.npz").is_file()]

@@ -23,7 +23,8 @@ from model_training.common.transforms import image_to_tensor
 
 from .crf import crf_inference
 from .random_walk import pseudo_mask_from_rw, random_walk
-from .step_io import load_cams, mark_done, pending_ids, run_over_images, save_png, step_dir
+from .step_io import (clear_done, load_cams, mark_done, pending_ids, run_over_images, save_png,
+                      step_dir)
 
 DEFAULTS = {
     "pseudo": {
@@ -93,6 +94,7 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     source = build_source(cfg.dataset, cfg.pseudo.split)
     cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 5)
     save_config(cfg, out_dir)
+    clear_done(out_dir)
     maker = PseudoMaskMaker(checkpoint, device, cfg.pseudo)
     ids = source.ids if ids is None else ids
     todo = [i for i in pending_ids(ids, out_dir, ".png", cfg.overwrite)

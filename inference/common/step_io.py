@@ -124,6 +124,12 @@ def mark_done(folder, summary: dict) -> Path:
                         lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
 
 
+def clear_done(folder) -> None:
+    """Forget that a step finished: called as it starts again, so a run killed half-way is
+    not mistaken for a finished one."""
+    (Path(folder) / DONE_FILE).unlink(missing_ok=True)
+
+
 def read_done(folder) -> dict | None:
     """The summary of a finished step, or None if it has not finished."""
     path = Path(folder) / DONE_FILE

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from inference.common.step_io import atomic_write, mark_done, step_dir
+from inference.common.step_io import atomic_write, clear_done, mark_done, step_dir
 from model_training.common.config import ConfigError, save_config
 from model_training.common.datasets import build_source
 
@@ -51,6 +51,7 @@ def run(cfg) -> dict:
     start = time.time()
     out_dir = step_dir(cfg.work_dir, 7)
     save_config(cfg, out_dir)
+    clear_done(out_dir)
     source = build_source(cfg.dataset, cfg.submit.split)
     data_dir, ids_file = split_image_folder(cfg, source)
     submit_config = Path(cfg.submit.config or step_dir(cfg.work_dir, 6) / "export_config.yaml")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from inference.common.step_io import atomic_write
+from inference.common.step_io import atomic_write, clear_done
 
 from .config import ConfigError
 
@@ -295,6 +295,8 @@ class Trainer:
     # ---- loop --------------------------------------------------------------------------
     def fit(self) -> dict:
         """Train up to ``train.epochs``; returns best score/epoch and the last metrics."""
+        if self.is_main:
+            clear_done(self.out_dir)  # done again only when the step's mark_done says so
         if self.resume:
             self._restore()
         elif self.is_main:

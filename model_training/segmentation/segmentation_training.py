@@ -116,6 +116,8 @@ def build_model(model_config: Mapping[str, Any], encoder_weights: str = "none") 
     except RuntimeError as err:  # timm: unknown model name
         raise ConfigError(f"key 'model.encoder_name': {_first_line(err)}") from None
     except Exception as err:  # noqa: BLE001 - offline / DNS / HTTP errors of the download
+        if smp_weights is None:
+            raise
         raise ConfigError(f"key 'model.encoder_weights': cannot download ImageNet weights for "
                           f"{encoder_name} ({_first_line(err)}); use a state-dict file or "
                           f"'none'") from None
