@@ -45,15 +45,16 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     save_config(cfg, out_dir)
     clear_done(out_dir)
     ids = source.ids if ids is None else ids
-    todo = [i for i in pending_ids(ids, out_dir, ".png", cfg.overwrite)
-            if (cam_dir / f"{i}.npz").is_file()]
+    with_cams = [i for i in ids if (cam_dir / f"{i}.npz").is_file()]
+    todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
     worker = functools.partial(
         process_image, load_image=source.load_image, cam_dir=cam_dir, out_dir=out_dir,
         conf_fg_thres=cfg.crf.conf_fg_thres, conf_bg_thres=cfg.crf.conf_bg_thres,
         crf_params=crf_params(cfg.crf))
     done, failed = run_pool(todo, worker, cfg.crf.num_workers, desc="3 ir labels",
                             on_error=cfg.on_error)
-    summary = {"written": done, "failed": failed, "skipped_existing": len(ids) - len(todo),
+    summary = {"written": done, "failed": failed, "skipped_existing": len(with_cams) - len(todo),
+               "without_cams": len(ids) - len(with_cams),
                "seconds": round(time.time() - start, 2)}
     mark_done(out_dir, summary)
     return summary

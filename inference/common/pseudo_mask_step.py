@@ -97,8 +97,8 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     clear_done(out_dir)
     maker = PseudoMaskMaker(checkpoint, device, cfg.pseudo)
     ids = source.ids if ids is None else ids
-    todo = [i for i in pending_ids(ids, out_dir, ".png", cfg.overwrite)
-            if (cam_dir / f"{i}.npz").is_file()]
+    with_cams = [i for i in ids if (cam_dir / f"{i}.npz").is_file()]
+    todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
 
     def make(image_id: str) -> None:
         mask = maker(source.load_image(image_id), load_cams(cam_dir / f"{image_id}.npz"))
@@ -106,7 +106,8 @@ def run(cfg, ids: list[str] | None = None) -> dict:
 
     with torch.no_grad():
         written, failed = run_over_images(todo, make, "5 pseudo masks", cfg.on_error)
-    summary = {"written": written, "failed": failed, "skipped_existing": len(ids) - len(todo),
+    summary = {"written": written, "failed": failed, "skipped_existing": len(with_cams) - len(todo),
+               "without_cams": len(ids) - len(with_cams),
                "seconds": round(time.time() - start, 2)}
     mark_done(out_dir, summary)
     print(f"5_pseudo_masks: {written} written, {len(failed)} failed -> {out_dir}", file=sys.stderr)
