@@ -27,6 +27,11 @@ STEP_DIRS = {
 }
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
+
 def step_dir(work_dir: str | os.PathLike, step: int) -> Path:
     """``<work_dir>/<n>_<name>``, created if needed."""
     path = Path(work_dir) / STEP_DIRS[step]
@@ -42,6 +47,7 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Pa
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
