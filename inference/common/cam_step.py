@@ -24,7 +24,8 @@ from model_training.common.transforms import image_to_tensor
 
 from .cam import (CAM_STRIDE, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams,
                   multiscale_cams, select_outputs)
-from .step_io import clear_done, mark_done, pending_ids, report_failure, save_cams, step_dir
+from .step_io import (clear_done, mark_done, pending_ids, report_failure, save_cams, shard_ids,
+                      step_dir)
 
 DEFAULTS = {
     "cam": {
@@ -139,11 +140,11 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     source = build_source(cfg.dataset, cfg.cam.split)
     out_dir = step_dir(cfg.work_dir, 2)
     save_config(cfg, out_dir)
-    clear_done(out_dir)
+    clear_done(out_dir, cfg.shard)
     main = CamExtractor(checkpoints[0], device, cfg.cam)
     # An excluded class's binary classifier adds its map where it predicts the class.
     extras = [CamExtractor(path, device, cfg.cam) for path in checkpoints[1:]]
-    ids = source.ids if ids is None else ids
+    ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
     todo = pending_ids(ids, out_dir, ".npz", cfg.overwrite)
     loader = DataLoader(_ImageList(source, todo), batch_size=None, num_workers=cfg.num_workers)
     written, failed = 0, []
@@ -167,6 +168,6 @@ def run(cfg, ids: list[str] | None = None) -> dict:
                 raise
     summary = {"written": written, "failed": failed, "skipped_existing": len(ids) - len(todo),
                "seconds": round(time.time() - start, 2)}
-    mark_done(out_dir, summary)
+    mark_done(out_dir, summary, cfg.shard)
     print(f"2_cams: {written} written, {len(failed)} failed -> {out_dir}", file=sys.stderr)
     return summary

@@ -8,7 +8,7 @@ from model_training.common.config import save_config
 from model_training.common.datasets import build_source
 
 from .ir_labels import process_image, run_pool
-from .step_io import clear_done, mark_done, pending_ids, step_dir
+from .step_io import clear_done, mark_done, pending_ids, shard_ids, step_dir
 
 DEFAULTS = {
     "crf": {
@@ -43,8 +43,8 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     source = build_source(cfg.dataset, cfg.crf.split)
     cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 3)
     save_config(cfg, out_dir)
-    clear_done(out_dir)
-    ids = source.ids if ids is None else ids
+    clear_done(out_dir, cfg.shard)
+    ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
     with_cams = [i for i in ids if (cam_dir / f"{i}.npz").is_file()]
     todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
     worker = functools.partial(
@@ -56,5 +56,5 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     summary = {"written": done, "failed": failed, "skipped_existing": len(with_cams) - len(todo),
                "without_cams": len(ids) - len(with_cams),
                "seconds": round(time.time() - start, 2)}
-    mark_done(out_dir, summary)
+    mark_done(out_dir, summary, cfg.shard)
     return summary

@@ -24,7 +24,7 @@ from model_training.common.transforms import image_to_tensor
 from .crf import crf_inference
 from .random_walk import pseudo_mask_from_rw, random_walk
 from .step_io import (clear_done, load_cams, mark_done, pending_ids, run_over_images, save_png,
-                      step_dir)
+                      shard_ids, step_dir)
 
 DEFAULTS = {
     "pseudo": {
@@ -94,9 +94,9 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     source = build_source(cfg.dataset, cfg.pseudo.split)
     cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 5)
     save_config(cfg, out_dir)
-    clear_done(out_dir)
+    clear_done(out_dir, cfg.shard)
     maker = PseudoMaskMaker(checkpoint, device, cfg.pseudo)
-    ids = source.ids if ids is None else ids
+    ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
     with_cams = [i for i in ids if (cam_dir / f"{i}.npz").is_file()]
     todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
 
@@ -109,6 +109,6 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     summary = {"written": written, "failed": failed, "skipped_existing": len(with_cams) - len(todo),
                "without_cams": len(ids) - len(with_cams),
                "seconds": round(time.time() - start, 2)}
-    mark_done(out_dir, summary)
+    mark_done(out_dir, summary, cfg.shard)
     print(f"5_pseudo_masks: {written} written, {len(failed)} failed -> {out_dir}", file=sys.stderr)
     return summary

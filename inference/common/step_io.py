@@ -16,6 +16,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from model_training.common.config import parse_shard
+from model_training.common.distributed import rank, world_size
+
 STEP_DIRS = {
     1: "1_classifier",
     2: "2_cams",
@@ -96,6 +99,21 @@ def pending_ids(ids: Iterable[str], out_dir, suffix: str, overwrite: bool = Fals
     return [i for i in ids if f"{i}{suffix}" not in done]
 
 
+def resolve_shard(shard: str | None) -> tuple[int, int]:
+    """(index, count) of this process's share of a step: the config's ``shard`` "i/n", split
+    again among torchrun's ranks (rank r of w takes shard i + n*r of n*w), so launching
+    ``--shard i/n`` under torchrun on each of several machines still covers every image once."""
+    index, count = parse_shard(shard)
+    return index + count * rank(), count * world_size()
+
+
+def shard_ids(ids: Iterable[str], shard: str | None) -> list[str]:
+    """This process's ids: every count-th one from the index-th (``resolve_shard``); the
+    shards of one split are disjoint and together hold every id."""
+    index, count = resolve_shard(shard)
+    return list(ids)[index::count]
+
+
 def report_failure(image_id: str, error: BaseException) -> None:
     """One line per bad image, so a long run's log stays readable."""
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -124,16 +142,58 @@ def run_over_images(ids: Iterable[str], fn: Callable[[str], object], desc: str,
 DONE_FILE = "done.json"
 
 
-def mark_done(folder, summary: dict) -> Path:
-    """Record that a step finished (with its summary), so a pipeline re-run can skip it."""
-    return atomic_write(Path(folder) / DONE_FILE,
-                        lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+def _shard_done_file(index: int, count: int) -> str:
+    return f"done.{index}-of-{count}.json"
 
 
-def clear_done(folder) -> None:
-    """Forget that a step finished: called as it starts again, so a run killed half-way is
-    not mistaken for a finished one."""
+def _write_json(path: Path, data: dict) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
+
+
+def mark_done(folder, summary: dict, shard: str | None = None) -> Path:
+    """Record that a step finished (with its summary), so a pipeline re-run can skip it.
+
+    ``shard``: an inference step's ``shard`` setting ("" included: torchrun ranks split the
+    work too); None for a step that never shards. A shard of a split step writes only
+    ``done.<i>-of-<n>.json``: the step is done (``done.json``, the shards' summaries merged)
+    once all n shards have finished, whichever finishes last.
+    """
+    folder = Path(folder)
+    index, count = resolve_shard(shard) if shard is not None else (0, 1)
+    if count == 1:
+        return _write_json(folder / DONE_FILE, summary)
+    own = _write_json(folder / _shard_done_file(index, count), summary)
+    parts = [folder / _shard_done_file(i, count) for i in range(count)]
+    if all(part.is_file() for part in parts):
+        _write_json(folder / DONE_FILE, _merge_summaries(
+            [json.loads(part.read_text()) for part in parts]))
+    return own
+
+
+def _merge_summaries(parts: list[dict]) -> dict:
+    """One step summary from its shards': counts added, lists joined, the slowest shard's
+    seconds (they ran side by side), anything else from shard 0."""
+    merged: dict = {"shards": len(parts)}
+    for key in parts[0]:
+        values = [part[key] for part in parts if key in part]
+        if key == "seconds":
+            merged[key] = max(values)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            merged[key] = sum(values)
+        elif all(isinstance(v, list) for v in values):
+            merged[key] = [item for value in values for item in value]
+        else:
+            merged[key] = values[0]
+    return merged
+
+
+def clear_done(folder, shard: str | None = None) -> None:
+    """Forget that a step (and this process's shard of it, see ``mark_done``) finished:
+    called as it starts again, so a run killed half-way is not mistaken for a finished one."""
     (Path(folder) / DONE_FILE).unlink(missing_ok=True)
+    index, count = resolve_shard(shard) if shard is not None else (0, 1)
+    if count > 1:
+        (Path(folder) / _shard_done_file(index, count)).unlink(missing_ok=True)
 
 
 def read_done(folder) -> dict | None:

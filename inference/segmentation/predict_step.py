@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from inference.common.step_io import atomic_write, clear_done, mark_done, step_dir
+from inference.common.step_io import atomic_write, clear_done, mark_done, shard_ids, step_dir
 from model_training.common.config import ConfigError, save_config
 from model_training.common.datasets import build_source
 
@@ -27,12 +27,17 @@ DEFAULTS = {
 }
 
 
-def split_image_folder(cfg, source) -> tuple[Path, Path | None]:
-    """(DATA_DIR, ids file) for the script: the dataset's own images, or a written-out copy."""
+def split_image_folder(cfg, source) -> tuple[Path, Path]:
+    """(DATA_DIR, ids file) for the script: the dataset's own images, or a written-out copy.
+
+    The ids file keeps the split's order, so the script's ``--shard`` takes the images
+    ``shard_ids`` gives this process; it is written atomically (shards write it at once).
+    """
+    ids_file = Path(cfg.work_dir) / f"{cfg.submit.split}_ids.txt"
+    text = "\n".join(source.ids) + "\n"
+    atomic_write(ids_file, lambda tmp: Path(tmp).write_text(text))
     root = getattr(source, "root", None)
     if root is not None and (Path(root) / "JPEGImages").is_dir():
-        ids_file = Path(cfg.work_dir) / f"{cfg.submit.split}_ids.txt"
-        ids_file.write_text("\n".join(source.ids) + "\n")
         return Path(root) / "JPEGImages", ids_file
     folder = Path(cfg.work_dir) / f"images_{cfg.submit.split}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,7 +48,7 @@ def split_image_folder(cfg, source) -> tuple[Path, Path | None]:
         if not path.is_file():
             image = source.load_image(image_id)
             atomic_write(path, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
-    return folder, None
+    return folder, ids_file
 
 
 def run(cfg) -> dict:
@@ -51,22 +56,25 @@ def run(cfg) -> dict:
     start = time.time()
     out_dir = step_dir(cfg.work_dir, 7)
     save_config(cfg, out_dir)
-    clear_done(out_dir)
+    clear_done(out_dir, cfg.shard)
     source = build_source(cfg.dataset, cfg.submit.split)
     data_dir, ids_file = split_image_folder(cfg, source)
     submit_config = Path(cfg.submit.config or step_dir(cfg.work_dir, 6) / "export_config.yaml")
     if not submit_config.is_file():
         raise ConfigError(f"key 'submit.config': submission config not found: {submit_config}")
     command = [sys.executable, str(SUBMIT_DIR / "generate_predictions.py"), str(out_dir),
-               str(data_dir), "--config", str(submit_config), "--device", cfg.device]
-    if ids_file is not None:
-        command += ["--ids", str(ids_file.resolve())]
+               str(data_dir), "--config", str(submit_config), "--device", cfg.device,
+               "--ids", str(ids_file.resolve())]
+    if cfg.shard:  # the script splits its shard again by torchrun rank, as shard_ids does
+        command += ["--shard", cfg.shard]
     if cfg.overwrite:
         command.append("--overwrite")
     result = subprocess.run(command)
     if result.returncode != 0:
         raise RuntimeError(f"generate_predictions.py exited with code {result.returncode}")
-    summary = {"written": len(list(out_dir.glob("*.png"))), "split": cfg.submit.split,
+    mine = shard_ids(source.ids, cfg.shard)
+    summary = {"written": sum((out_dir / f"{i}.png").is_file() for i in mine),
+               "split": cfg.submit.split,
                "seconds": round(time.time() - start, 2)}
-    mark_done(out_dir, summary)
+    mark_done(out_dir, summary, cfg.shard)
     return summary

@@ -17,12 +17,13 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from inference.common.step_io import STEP_DIRS, mark_done, report_failure
+from model_training.common import distributed
 from model_training.common.config import (COMMON_DEFAULTS, Config, ConfigError, merge_defaults,
-                                          resolve_device, save_config)
+                                          save_config)
 from model_training.common.datasets import (ImageLoadError, ImageSource, build_source,
                                             labels_to_vector)
 from model_training.common.models import CamClassifier, backbone_exists, build_cam_classifier
@@ -204,7 +205,8 @@ def repeat_factors(targets: np.ndarray, threshold: float) -> np.ndarray:
 class RepeatFactorSampler(Sampler[int]):
     """Each epoch image i appears floor(r_i) or ceil(r_i) times (stochastic rounding),
     shuffled; the draw depends only on (seed, epoch). ``num_replicas``/``rank`` shard the
-    epoch for distributed training.
+    epoch for distributed training; the epoch is padded (wrapping around) to a multiple of
+    ``num_replicas``, since DDP ranks must run the same number of batches.
     """
 
     def __init__(self, factors: np.ndarray, seed: int = 0, num_replicas: int = 1, rank: int = 0):
@@ -219,6 +221,8 @@ class RepeatFactorSampler(Sampler[int]):
                           < self.factors - whole)
         indices = torch.repeat_interleave(torch.arange(len(self.factors)), counts.long())
         indices = indices[torch.randperm(len(indices), generator=generator)]
+        padding = torch.arange(-len(indices) % self.num_replicas) % max(len(indices), 1)
+        indices = torch.cat([indices, indices[padding]])
         self.indices = indices[self.rank::self.num_replicas].tolist()
 
     def __iter__(self):
@@ -332,8 +336,8 @@ def train_classifier(cfg: Config) -> dict:
     _check_config(cfg)
     out_dir = classifier_dir(cfg.work_dir, cfg.variant)
     check_resume(out_dir, cfg.resume, cfg.overwrite)
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
+    device = distributed.setup(cfg)
+    seed_everything(cfg.seed + distributed.rank())  # ranks augment differently
 
     source = build_source(cfg.dataset, cfg.dataset.train_split)
     class_ids = output_class_ids(source, cfg.data.target_classes, cfg.data.exclude_classes)
@@ -350,9 +354,10 @@ def train_classifier(cfg: Config) -> dict:
                                   substitute=True, on_error=cfg.on_error)
     if cfg.data.repeat_threshold > 0:
         sampler: Sampler = RepeatFactorSampler(
-            repeat_factors(train_set.targets, cfg.data.repeat_threshold), seed=cfg.seed)
+            repeat_factors(train_set.targets, cfg.data.repeat_threshold), seed=cfg.seed,
+            num_replicas=distributed.world_size(), rank=distributed.rank())
     else:
-        sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+        sampler = distributed.train_sampler(train_set, cfg.seed)
     batch_size = cfg.train.batch_size
     train_loader = _loader(train_set, batch_size, cfg.num_workers, sampler,
                            drop_last=len(sampler) > batch_size)
@@ -381,9 +386,11 @@ def train_classifier(cfg: Config) -> dict:
                                         cfg.loss.negative_weight)}
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir)
+    if distributed.is_main():
+        save_config(cfg, out_dir)
     trainer = Trainer(
-        model, model.parameter_groups(cfg.train.new_layer_lr_mult), train_loader, out_dir,
+        distributed.wrap_model(model, device, cfg.train.sync_bn),
+        model.parameter_groups(cfg.train.new_layer_lr_mult), train_loader, out_dir,
         cfg.train, device, step_fn=step_fn, validate_fn=validate_fn,
         best_metric="map" if validate_fn else None,
         checkpoint_fields={**model.checkpoint_fields(), "class_names": names,
@@ -393,5 +400,6 @@ def train_classifier(cfg: Config) -> dict:
     summary = {**summary, "out_dir": str(out_dir), "class_ids": class_ids,
                "num_train_images": len(ids), "seconds": round(time.time() - started, 1),
                "val_map": summary["best_score"] if validate_fn else None}
-    mark_done(out_dir, summary)
+    if distributed.is_main():
+        mark_done(out_dir, summary)
     return summary

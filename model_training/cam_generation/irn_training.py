@@ -13,12 +13,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from inference.common.path_index import PathIndex, edge_to_affinity
 from inference.common.step_io import load_png, mark_done, step_dir
-from model_training.common.config import (COMMON_DEFAULTS, ConfigError, merge_defaults,
-                                          resolve_device, save_config)
+from model_training.common import distributed
+from model_training.common.config import COMMON_DEFAULTS, ConfigError, merge_defaults, save_config
 from model_training.common.datasets import build_source
 from model_training.common.irn_labels import affinity_targets, irn_losses, label_to_stride
 from model_training.common.models import backbone_exists, build_multilevel_backbone
@@ -93,8 +93,8 @@ def run(cfg) -> dict:
     _check(cfg)
     out_dir = step_dir(cfg.work_dir, 4)
     check_resume(out_dir, cfg.resume, cfg.overwrite)
-    device = resolve_device(cfg.device)
-    seed_everything(cfg.seed)
+    device = distributed.setup(cfg)
+    seed_everything(cfg.seed + distributed.rank())  # ranks augment differently
     source = build_source(cfg.dataset, cfg.irn.split)
     label_dir = step_dir(cfg.work_dir, 3)
     ids = [i for i in source.ids if (label_dir / f"{i}.png").is_file()]
@@ -106,10 +106,10 @@ def run(cfg) -> dict:
     transform = build_transform(True, crop_size=cfg.data.crop_size, resize_long=cfg.data.resize_long,
                                 scale_range=cfg.data.scale_range or None, hflip=cfg.data.hflip)
     dataset = IRLabelDataset(source, ids, label_dir, transform)
-    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    sampler = distributed.train_sampler(dataset, cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
                         num_workers=cfg.num_workers, worker_init_fn=seed_worker,
-                        drop_last=len(dataset) > cfg.train.batch_size,
+                        drop_last=len(sampler) > cfg.train.batch_size,
                         persistent_workers=cfg.num_workers > 0)
     model = build_irnet(cfg.irn).to(device)
     path_index = PathIndex(cfg.irn.radius)
@@ -122,13 +122,16 @@ def run(cfg) -> dict:
         losses = irn_losses(affinity, targets, path_index, out.displacement)
         return {"loss": losses.pop("total"), **losses}
 
-    save_config(cfg, out_dir)
+    if distributed.is_main():
+        save_config(cfg, out_dir)
     arch = {k: cfg.irn[k] for k in ("backbone", "weights", "output_stride", "with_displacement")}
-    trainer = Trainer(model, model.param_groups(cfg.irn.displacement_lr_mult), loader, out_dir,
+    trainer = Trainer(distributed.wrap_model(model, device, cfg.train.sync_bn),
+                      model.param_groups(cfg.irn.displacement_lr_mult), loader, out_dir,
                       cfg.train, device, step_fn=step_fn,
                       checkpoint_fields={"arch": arch, "config": cfg.to_dict()},
                       resume=cfg.resume)
     summary = trainer.fit()
     summary = {**summary, "images": len(ids), "seconds": round(time.time() - started, 2)}
-    mark_done(out_dir, summary)
+    if distributed.is_main():
+        mark_done(out_dir, summary)
     return summary

@@ -26,6 +26,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "overwrite": False,
     "num_workers": 2,
     "on_error": "skip",  # skip | stop: what a step does with a bad image
+    "shard": "",  # i/n: an inference step does every n-th image from the i-th; "": all
     "dataset": {
         "name": "toy",
         "root": None,
@@ -196,6 +197,7 @@ def load_config(
     from_cli = _validate(patch, defaults, "", "command-line overrides")
     cfg = merge_defaults(defaults, from_file, from_cli)
     check_paths(cfg)
+    parse_shard(cfg.get("shard"))
     return _to_config(cfg)
 
 
@@ -213,12 +215,24 @@ def check_paths(cfg: Mapping) -> None:
         raise ConfigError(f"key 'dataset.labels_file': file does not exist: {labels_file}")
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` -> (i, n); empty -> (0, 1). Checked when the config loads, so a bad value
+    stops a step before any work instead of leaving images out."""
+    if not text:
+        return 0, 1
+    parts = str(text).split("/")
+    numbers = len(parts) == 2 and all(part.strip().isdecimal() for part in parts)
+    if numbers and int(parts[0]) < int(parts[1]):
+        return int(parts[0]), int(parts[1])
+    raise ConfigError(f"key 'shard' must be i/n with 0 <= i < n (e.g. 0/2), got {text!r}")
+
+
 def save_config(cfg: Mapping, out_dir: str | os.PathLike) -> Path:
     """Write the resolved config beside a step's outputs, so every result says how it was made."""
     out = Path(out_dir) / "config.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     plain = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # shards may save at the same time
     tmp.write_text(yaml.safe_dump(plain, sort_keys=False))
     os.replace(tmp, out)
     return out
@@ -227,6 +241,8 @@ def save_config(cfg: Mapping, out_dir: str | os.PathLike) -> Path:
 def build_arg_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", required=True, help="step YAML, e.g. configs/toy/1_classifier.yaml")
+    parser.add_argument("--shard", metavar="i/n",
+                        help="inference steps: do every n-th image from the i-th (= shard=i/n)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
     return parser
 
@@ -234,7 +250,8 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
 def parse_step_args(defaults: Mapping, description: str, argv: list[str] | None = None) -> Config:
     """Entry-point helper: parse ``--config`` + overrides; a bad config exits 2 with one line."""
     args = build_arg_parser(description).parse_args(argv)
-    return exit_on_config_error(load_config, args.config, args.overrides, defaults)
+    overrides = args.overrides + ([f"shard={args.shard}"] if args.shard is not None else [])
+    return exit_on_config_error(load_config, args.config, overrides, defaults)
 
 
 def exit_on_config_error(fn, *args, **kwargs):
@@ -247,15 +264,21 @@ def exit_on_config_error(fn, *args, **kwargs):
 
 
 def resolve_device(name: str):
-    """``auto`` picks CUDA when present; an unavailable CUDA device is a config error."""
+    """``auto`` picks CUDA when present; an unavailable CUDA device is a config error.
+
+    Under torchrun, ``auto`` / ``cuda`` mean this process's GPU, ``cuda:LOCAL_RANK``, so
+    the processes of one machine do not all land on the first GPU.
+    """
     import torch
 
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise ConfigError(f"key 'device': unknown device {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"key 'device': {name} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device

@@ -5,8 +5,10 @@ everything else: optimizer, per-iteration LR schedule, AMP (CUDA only), gradient
 validation, ``best.pt`` / ``last.pt`` checkpoints (atomic, loadable with
 ``weights_only=True``), ``resume=true``, seeding, tqdm, TensorBoard and ``metrics.csv``.
 
-Distributed training: pass a DDP-wrapped model, a loader whose sampler has ``set_epoch``
-and ``is_main_process`` (rank 0); only the main process writes files.
+Distributed training (torchrun, see ``distributed.py``): pass a DDP-wrapped model and a
+loader whose sampler has ``set_epoch``. Only rank 0 writes files; the logged training
+losses are averaged over every rank's batches; rank 0 validates on the whole val set (the
+numbers a single process gets) and shares the result, while the other ranks wait.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from tqdm import tqdm
 from inference.common.step_io import atomic_write, clear_done
 
 from .config import ConfigError
+from .distributed import barrier, broadcast_from_main, is_main, mean_over_ranks
 
 # The ``train`` section every training step shares (plus the top-level ``resume`` key).
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -46,6 +49,7 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "amp": True,  # mixed precision, CUDA only (ignored on CPU)
         "grad_clip": 0.0,  # max gradient norm; 0 = no clipping
         "val_every": 1,  # validate every N epochs (and after the last)
+        "sync_bn": False,  # torchrun on CUDA: BatchNorm statistics over every process's batch
     },
 }
 
@@ -229,7 +233,7 @@ class Trainer:
                  out_dir: str | os.PathLike, train_cfg: Mapping, device: torch.device, *,
                  step_fn: StepFn, validate_fn: ValidateFn | None = None,
                  best_metric: str | None = None, checkpoint_fields: Mapping | None = None,
-                 resume: bool = False, is_main_process: bool = True):
+                 resume: bool = False, is_main_process: bool | None = None):
         if validate_fn is not None and best_metric is None:
             raise ValueError("validate_fn needs best_metric: the metric that picks best.pt")
         self.model = model
@@ -240,7 +244,7 @@ class Trainer:
         self.step_fn, self.validate_fn, self.best_metric = step_fn, validate_fn, best_metric
         self.fields = dict(checkpoint_fields or {})
         self.resume = resume
-        self.is_main = is_main_process
+        self.is_main = is_main() if is_main_process is None else is_main_process
         self.epochs = int(train_cfg["epochs"])
         self.optimizer = build_optimizer(param_groups, train_cfg)
         self.schedule = LRSchedule(train_cfg["lr_schedule"], self.epochs, train_cfg["poly_power"],
@@ -323,6 +327,7 @@ class Trainer:
         finally:
             if log is not None:
                 log.close()
+        barrier()  # rank 0's checkpoints exist for every rank once fit returns
         return {"best_metric": self.best_metric, "best_score": self.best_score,
                 "best_epoch": self.best_epoch, "epochs": self.epoch, "metrics": self.last_metrics}
 
@@ -376,7 +381,7 @@ class Trainer:
             if log is not None:
                 log.scalar("iter/loss", logs["loss"], self.iteration)
                 log.scalar("iter/lr", self.optimizer.param_groups[0]["lr"], self.iteration)
-        means = {k: v / max(count, 1) for k, v in sums.items()}
+        means = mean_over_ranks(sums, count)
         means["lr"] = self.optimizer.param_groups[0]["lr"]
         return means
 
@@ -399,6 +404,10 @@ class Trainer:
                 for k, v in outputs.items()}
 
     def _validate(self) -> Mapping[str, Any]:
+        """Rank 0's metrics on every rank, so all agree on the best epoch."""
+        return broadcast_from_main(self._validate_here() if self.is_main else None)
+
+    def _validate_here(self) -> Mapping[str, Any]:
         model = unwrap(self.model)
         model.eval()
         try:

@@ -27,7 +27,8 @@ from tqdm import tqdm
 from inference.common.metrics import ConfusionMatrix
 from inference.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done, report_failure,
                                       step_dir)
-from model_training.common.config import ConfigError, merge_defaults, resolve_device, save_config
+from model_training.common import distributed
+from model_training.common.config import ConfigError, merge_defaults, save_config
 from model_training.common.datasets import ImageLoadError, ImageSource, build_source
 from model_training.common.models.weights import (LITE_HEAD_PREFIXES, WeightsError,
                                                   efficientnet_lite_state_dict,
@@ -251,9 +252,13 @@ def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed
                        pin_memory: bool) -> DataLoader:
     generator = torch.Generator()
     generator.manual_seed(seed)
+    # Under torchrun each rank takes its share of every epoch; one process shuffles as it did.
+    sampler = distributed.train_sampler(dataset, seed) if distributed.world_size() > 1 else None
+    per_rank = len(dataset) if sampler is None else len(sampler)
     # BatchNorm cannot train on a batch of one: drop a ragged last batch when there is a full one.
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=num_workers,
-                      drop_last=len(dataset) >= batch_size, pin_memory=pin_memory,
+    return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                      num_workers=num_workers, drop_last=per_rank >= batch_size,
+                      pin_memory=pin_memory,
                       worker_init_fn=seed_worker, generator=generator,
                       persistent_workers=num_workers > 0)
 
@@ -351,8 +356,8 @@ def train_segmentation(cfg: Mapping) -> dict:
     started = time.time()
     out_dir = step_dir(cfg["work_dir"], STEP)
     check_resume(out_dir, cfg["resume"], cfg["overwrite"])
-    device = resolve_device(cfg["device"])
-    seed_everything(cfg["seed"])
+    device = distributed.setup(cfg)
+    seed_everything(cfg["seed"] + distributed.rank())  # ranks augment differently
     dataset_cfg = cfg["dataset"]
     train_source = build_source(dataset_cfg, dataset_cfg["train_split"])
     val_source = build_source(dataset_cfg, dataset_cfg["val_split"])
@@ -393,23 +398,27 @@ def train_segmentation(cfg: Mapping) -> dict:
     groups = param_groups(model, cfg["train"]["new_layer_lr_mult"])
     metadata = submission_metadata(model_config, train_source.class_names)
     fields = {**metadata, "mask_source": cfg["mask_source"], "config": _plain(cfg)}
-    save_config(cfg, out_dir)
+    if distributed.is_main():
+        save_config(cfg, out_dir)
     print(f"step 6: {len(dataset)} training images ({cfg['mask_source']} masks), "
           f"{model_config['arch']} / {model_config['encoder_name']}, device {device}", file=sys.stderr)
-    trainer = Trainer(model, groups, loader, out_dir, cfg["train"], device, step_fn=step_fn,
+    trainer = Trainer(distributed.wrap_model(model, device, cfg["train"]["sync_bn"]), groups,
+                      loader, out_dir, cfg["train"], device, step_fn=step_fn,
                       validate_fn=validate_fn, best_metric="miou" if validate_fn else None,
                       checkpoint_fields=fields, resume=cfg["resume"])
     result = trainer.fit()
 
-    best = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True)
-    checkpoint = {"model": best["model"], **metadata, "epoch": best["epoch"]}
-    model_path = export_for_submission(out_dir, checkpoint, cfg)
+    if distributed.is_main():
+        best = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True)
+        checkpoint = {"model": best["model"], **metadata, "epoch": best["epoch"]}
+        export_for_submission(out_dir, checkpoint, cfg)
     best_miou = result["best_score"] if validate_fn else None
     summary = {"miou": best_miou, "best_epoch": result["best_epoch"], "epochs": result["epochs"],
-               "split": dataset_cfg["val_split"], "model": str(model_path),
+               "split": dataset_cfg["val_split"], "model": str(out_dir / "model.pt"),
                "export_config": str(out_dir / "export_config.yaml"),
                "seconds": round(time.time() - started, 2)}
-    mark_done(out_dir, summary)
+    if distributed.is_main():
+        mark_done(out_dir, summary)
     return summary
 
 

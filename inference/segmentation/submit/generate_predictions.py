@@ -91,14 +91,17 @@ def _check_config(cfg: dict[str, Any], path: Path) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """Under torchrun, auto / cuda mean this process's GPU (cuda:LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as error:
         raise UsageError(f"unknown device {name!r}") from error
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"device {name} requested but CUDA is not available")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
 
 
@@ -111,6 +114,14 @@ def parse_shard(text: str) -> tuple[int, int]:
     if not 0 <= index < count:
         raise UsageError(f"--shard {text}: need 0 <= i < n")
     return index, count
+
+
+def process_shard(text: str) -> tuple[int, int]:
+    """--shard i/n, split again among torchrun's processes (RANK r of WORLD_SIZE w): shard
+    i + n*r of n*w, so the processes together still cover every image exactly once."""
+    index, count = parse_shard(text)
+    return (index + count * int(os.environ.get("RANK", 0)),
+            count * int(os.environ.get("WORLD_SIZE", 1)))
 
 
 # ----------------------------------------------------------------------------- images
@@ -295,7 +306,7 @@ def predict_folder(
 
 def run(args: argparse.Namespace) -> int:
     cfg, weights = read_settings(args)
-    shard_index, shard_count = parse_shard(args.shard)
+    shard_index, shard_count = process_shard(args.shard)
     images = find_inputs(args, cfg["recursive"])
     if not weights.is_file():
         raise UsageError(f"weights file not found: {weights}")
@@ -308,7 +319,8 @@ def run(args: argparse.Namespace) -> int:
         if args.overwrite or not (args.save_dir / f"{name}.png").exists()
     ]
     print(
-        f"{len(shard)} images in shard {args.shard}, {len(shard) - len(pending)} already done; "
+        f"{len(shard)} images in shard {shard_index}/{shard_count}, "
+        f"{len(shard) - len(pending)} already done; "
         f"{len(loaded.class_names)} classes, device {device}",
         file=sys.stderr,
     )
