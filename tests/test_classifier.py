@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+import torch.nn.functional as F
 from torch import nn
 
 from model_training.cam_generation.classifier_training import (
     DEFAULTS, MultiLabelDataset, RepeatFactorSampler, average_precision, classification_metrics,
-    collate_images, multilabel_loss, output_class_ids, positive_weights, repeat_factors,
-    train_classifier, training_images)
+    collate_images, multilabel_loss, negative_weights, output_class_ids, positive_weights,
+    repeat_factors, train_classifier, training_images)
 from model_training.common.config import Config, ConfigError, load_config
 from model_training.common.datasets import build_source
 from model_training.common.models import (CamClassifier, build_backbone, build_cam_classifier,
@@ -135,6 +136,19 @@ def test_loss_is_multilabel_soft_margin_and_down_weights_negatives():
                                nn.MultiLabelSoftMarginLoss()(logits, targets))
     negatives_only = multilabel_loss(logits, torch.zeros(4, 3), negative_weight=0.25)
     torch.testing.assert_close(negatives_only, 0.25 * multilabel_loss(logits, torch.zeros(4, 3)))
+
+
+def test_negative_weight_applies_to_the_listed_classes_only():
+    source = build_source(Config(name="toy", toy=Config(num_train=4)), "train")
+    weights = negative_weights(source, [1, 2, 3], 0.1, ["person"])
+    torch.testing.assert_close(weights, torch.tensor([0.1, 1.0, 1.0]))
+    torch.testing.assert_close(negative_weights(source, [2, 3], 0.5), torch.tensor([0.5, 0.5]))
+    logits, targets = torch.randn(4, 3), torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 1]])
+    elementwise = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    expected = (elementwise * torch.where(targets > 0, 1.0, weights)).mean()
+    torch.testing.assert_close(multilabel_loss(logits, targets, negative_weight=weights), expected)
+    with pytest.raises(ConfigError, match="loss.negative_weight_classes"):
+        negative_weights(source, [1, 2], 0.1, ["unicorn"])
 
 
 def test_average_precision_matches_hand_computed_values():

@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, {
         "pos_weight": False,  # weigh positives of class c by #negatives/#positives (clipped)
         "max_pos_weight": 10.0,
         "negative_weight": 1.0,  # < 1 trusts an absent label less (missing labels)
+        "negative_weight_classes": [],  # names or ids it applies to; empty: every class
     },
     "val": {
         "batch_size": 32,
@@ -235,14 +236,25 @@ class RepeatFactorSampler(Sampler[int]):
 # ---- loss and metrics ---------------------------------------------------------------------
 def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor,
                     pos_weight: torch.Tensor | None = None,
-                    negative_weight: float = 1.0) -> torch.Tensor:
+                    negative_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Multi-label soft-margin loss (= BCE-with-logits averaged over classes and images),
-    with optional per-class positive weights and a weight for absent labels."""
+    with optional per-class positive weights and a weight for absent labels (one number, or
+    one per class: only the classes whose labels go missing need it)."""
     loss = F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=pos_weight,
                                               reduction="none")
-    if negative_weight != 1.0:
-        loss = loss * torch.where(targets > 0, 1.0, negative_weight)
+    negative_weight = torch.as_tensor(negative_weight, dtype=loss.dtype, device=loss.device)
+    if bool((negative_weight != 1.0).any()):
+        loss = loss * torch.where(targets > 0, torch.ones_like(negative_weight), negative_weight)
     return loss.mean()
+
+
+def negative_weights(source: ImageSource, class_ids: Sequence[int], weight: float,
+                     classes: Sequence = ()) -> torch.Tensor:
+    """Per-output weight of an absent label: ``weight`` for ``classes`` (all when empty), 1
+    for the others, whose negatives are trusted."""
+    chosen = ({class_id(source, c, "loss.negative_weight_classes") for c in classes}
+              if classes else set(class_ids))
+    return torch.tensor([weight if c in chosen else 1.0 for c in class_ids])
 
 
 def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -380,10 +392,12 @@ def train_classifier(cfg: Config) -> dict:
     pos_weight = (positive_weights(train_set.targets, cfg.loss.max_pos_weight).to(device)
                   if cfg.loss.pos_weight else None)
 
+    negative_weight = negative_weights(source, class_ids, cfg.loss.negative_weight,
+                                       cfg.loss.negative_weight_classes).to(device)
+
     def step_fn(net, batch) -> dict:
         logits = net(batch["image"])
-        return {"loss": multilabel_loss(logits, batch["target"], pos_weight,
-                                        cfg.loss.negative_weight)}
+        return {"loss": multilabel_loss(logits, batch["target"], pos_weight, negative_weight)}
 
     out_dir.mkdir(parents=True, exist_ok=True)
     if distributed.is_main():
