@@ -242,9 +242,8 @@ def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor,
     one per class: only the classes whose labels go missing need it)."""
     loss = F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=pos_weight,
                                               reduction="none")
-    negative_weight = torch.as_tensor(negative_weight, dtype=loss.dtype, device=loss.device)
-    if bool((negative_weight != 1.0).any()):
-        loss = loss * torch.where(targets > 0, torch.ones_like(negative_weight), negative_weight)
+    if isinstance(negative_weight, torch.Tensor) or negative_weight != 1.0:
+        loss = loss * torch.where(targets > 0, 1.0, negative_weight)
     return loss.mean()
 
 
@@ -392,8 +391,10 @@ def train_classifier(cfg: Config) -> dict:
     pos_weight = (positive_weights(train_set.targets, cfg.loss.max_pos_weight).to(device)
                   if cfg.loss.pos_weight else None)
 
+    # Built (and its class names checked) once; all ones stays a float: the loss skips it.
     negative_weight = negative_weights(source, class_ids, cfg.loss.negative_weight,
-                                       cfg.loss.negative_weight_classes).to(device)
+                                       cfg.loss.negative_weight_classes)
+    negative_weight = negative_weight.to(device) if (negative_weight != 1.0).any() else 1.0
 
     def step_fn(net, batch) -> dict:
         logits = net(batch["image"])
