@@ -5,6 +5,7 @@ import torch
 
 from inference.common.path_index import PathIndex
 from inference.common.random_walk import (
+    background_seed,
     pseudo_mask_from_rw,
     random_walk,
     random_walk_dense_reference,
@@ -81,6 +82,44 @@ def test_pseudo_mask_from_rw_maps_channels_to_class_ids():
     # a background threshold above class 7's normalised score (0.5) removes it
     assert 7 not in pseudo_mask_from_rw(rw, keys=[3, 7], bg_thres=0.6, out_size=(14, 15))
     assert pseudo_mask_from_rw(rw, keys=[3, 7]).shape == (16, 16)
+
+
+def test_background_seed_is_one_minus_the_strongest_cam():
+    cams = torch.tensor([[[1.0, 0.5], [0.0, 0.2]], [[0.0, 0.75], [0.0, 0.1]]])
+    expected = torch.tensor([[[0.0, 0.25], [1.0, 0.8]]])
+    assert torch.allclose(background_seed(cams), expected)
+    assert torch.allclose(background_seed(cams, power=2.0), expected**2)
+    assert torch.equal(background_seed(torch.zeros(0, 2, 3)), torch.ones(1, 2, 3))
+
+
+def test_walked_background_scores_every_map_on_its_own_scale():
+    rw = torch.zeros(3, 4, 4)  # background, class 3, class 7
+    rw[0] = 0.5
+    rw[0, :2, :2] = rw[0, 2:, 2:] = 0.1
+    rw[1, :2, :2] = 2.0
+    rw[2, 2:, 2:] = 0.01  # weak in absolute terms, but its own maximum
+    mask = pseudo_mask_from_rw(rw, keys=[3, 7], out_size=(14, 15), stride=None,
+                               walked_background=True)
+    assert mask.shape == (14, 15)
+    assert mask[0, 0] == 3 and mask[13, 14] == 7 and mask[0, 14] == 0
+    # IRNet's global max would drop class 7 below any background threshold
+    assert 7 not in pseudo_mask_from_rw(rw[1:], keys=[3, 7], bg_thres=0.25, out_size=(14, 15))
+    with pytest.raises(ValueError):  # K + 1 maps are needed
+        pseudo_mask_from_rw(rw[1:], keys=[3, 7], walked_background=True)
+
+
+def test_walked_background_stops_at_a_wall():
+    h, w, wall = 12, 16, 8
+    boundary = torch.zeros(h, w)
+    boundary[:, wall] = 1.0
+    cams = torch.zeros(1, h, w)
+    cams[0, 2:10, 1:7] = 1.0  # the class sits left of the wall
+    cams[0, 3:9, 9:14] = 0.3  # a weak, wide response spills over it
+    seeds = torch.cat([background_seed(cams), cams])
+    walked = random_walk(seeds, boundary)
+    mask = pseudo_mask_from_rw(walked, keys=[5], stride=1, walked_background=True)
+    assert (mask[:, wall + 1:] == 0).all()
+    assert (mask[4:8, 2:6] == 5).all()
 
 
 def test_pseudo_mask_without_classes_is_background():

@@ -2,11 +2,11 @@
 
 For every image: boundary map at stride 4 (flip TTA), the stride-4 CAMs spread by the
 sparse random walk inside the boundaries, background where no walked map reaches
-``bg_thres``, optionally a CRF, and the uint8 mask of class ids at the image's size.
+``bg_thres`` (IRNet) or where a walked background map wins (``background: walk``),
+optionally a CRF, and the uint8 mask of class ids at the image's size.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from pathlib import Path
@@ -22,7 +22,7 @@ from model_training.common.models.irnet import predict_boundary
 from model_training.common.transforms import image_to_tensor
 
 from .crf import crf_inference
-from .random_walk import pseudo_mask_from_rw, random_walk
+from .random_walk import background_seed, pseudo_mask_from_rw, random_walk
 from .step_io import (clear_done, load_cams, mark_done, pending_ids, run_over_images, save_png,
                       shard_ids, step_dir)
 
@@ -33,7 +33,12 @@ DEFAULTS = {
         "radius": 5,  # path-index radius of the walk
         "beta": 10.0,
         "exp_times": 8,  # T^(2^exp_times)
+        # threshold: IRNet's constant background score bg_thres against the walked CAMs
+        # divided by their global max. walk: AffinityNet's background (1 - max CAM)^bg_power
+        # is walked with the classes, each map divided by its own max, argmax.
+        "background": "threshold",
         "bg_thres": 0.25,  # sem_seg_bg_thres
+        "bg_power": 1.0,
         "flip": True,  # boundary-map test-time flip
         "input_long_side": None,  # upscale small images before IRNet (finer boundaries)
         "crf": False,  # refine the final masks with the step-3 CRF settings below
@@ -64,16 +69,20 @@ class PseudoMaskMaker:
             tensor = _resize_maps(tensor, (round(height * scale), round(width * scale)))
         boundary = predict_boundary(self.model, tensor.to(self.device), cfg.flip)
         keys = cams["keys"]
-        if tensor.shape[1:] == (height, width):
+        on_image_grid = tensor.shape[1:] == (height, width)
+        if on_image_grid:
             seeds = torch.from_numpy(cams["cam"])
         else:  # the CAMs on the boundary map's finer grid, each class's max kept at 1
             seeds = _resize_maps(torch.from_numpy(cams["high_res"]), boundary.shape)
             seeds = seeds / seeds.amax((1, 2), keepdim=True).clamp_min(1e-5)
+        walk_background = cfg.background == "walk"
+        if walk_background:
+            seeds = torch.cat([background_seed(seeds, cfg.bg_power), seeds])
         walked = random_walk(seeds, boundary, cfg.beta, cfg.exp_times, cfg.radius).cpu()
-        strided = (math.ceil(height / 4), math.ceil(width / 4))
-        if walked.shape[1:] != strided:
-            walked = _resize_maps(walked, strided)
-        mask = pseudo_mask_from_rw(walked, keys, cfg.bg_thres, out_size=(height, width))
+        # a rescaled image's walk is resized straight to the image, not through stride 4
+        mask = pseudo_mask_from_rw(walked, keys, cfg.bg_thres, out_size=(height, width),
+                                   stride=4 if on_image_grid else None,
+                                   walked_background=walk_background)
         if cfg.crf and len(keys):
             class_of_label = np.concatenate([[0], keys]).astype(np.uint8)
             label_of_class = {int(c): i for i, c in enumerate(class_of_label)}
@@ -87,6 +96,9 @@ class PseudoMaskMaker:
 def run(cfg, ids: list[str] | None = None) -> dict:
     """Write ``5_pseudo_masks/<id>.png`` for every image with CAMs (resuming)."""
     start = time.time()
+    if cfg.pseudo.background not in ("threshold", "walk"):
+        raise ConfigError(f"key 'pseudo.background' must be threshold or walk, "
+                          f"got {cfg.pseudo.background!r}")
     checkpoint = Path(cfg.pseudo.checkpoint or step_dir(cfg.work_dir, 4) / "best.pt")
     if not checkpoint.is_file():
         raise ConfigError(f"key 'pseudo.checkpoint': IRNet checkpoint not found: {checkpoint}")

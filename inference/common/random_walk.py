@@ -144,32 +144,58 @@ def random_walk_dense_reference(
     return (x.reshape(num_maps, n) @ trans).reshape(num_maps, h, w)
 
 
+def background_seed(cams: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """(1, h, w) background map (1 - max_c CAM)^power of (K, h, w) max-normalised CAMs.
+
+    AffinityNet's background for walking it with the classes; all ones when K = 0.
+    """
+    if len(cams) == 0:
+        return torch.ones(1, *cams.shape[1:], dtype=cams.dtype, device=cams.device)
+    return (1 - cams.amax(dim=0, keepdim=True)).clamp_min(0).pow(power)
+
+
 def pseudo_mask_from_rw(
     rw: torch.Tensor | np.ndarray,
     keys: Sequence[int] | np.ndarray,
     bg_thres: float = 0.25,
     out_size: tuple[int, int] | None = None,
-    stride: int = 4,
+    stride: int | None = 4,
+    walked_background: bool = False,
 ) -> np.ndarray:
     """Walked maps (K, h, w) of classes `keys` -> uint8 (H, W) mask of class ids.
 
     As IRNet's make_sem_seg_labels: upsample by `stride` (bilinear), crop to `out_size`,
     divide by the global max, add a constant background channel `bg_thres`, argmax.
+    ``stride=None`` resizes straight to `out_size` (maps on another grid than the image's).
+    With ``walked_background`` the first of K + 1 maps is a walked background
+    (`background_seed`): every map is divided by its own max and the argmax decides.
     """
     rw = torch.as_tensor(rw, dtype=torch.float32)
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
-    if rw.dim() != 3 or len(rw) != len(keys):
-        raise ValueError(f"rw {tuple(rw.shape)} must be (K, h, w) with K = {len(keys)} keys")
+    num_maps = len(keys) + int(walked_background)
+    if rw.dim() != 3 or len(rw) != num_maps:
+        raise ValueError(f"rw {tuple(rw.shape)} must be (K, h, w) with K = {num_maps} maps")
     if np.any((keys < 1) | (keys > 254)):
         raise ValueError(f"keys must be foreground class ids in 1..254, got {keys.tolist()}")
-    height, width = out_size or (rw.shape[1] * stride, rw.shape[2] * stride)
-    if rw.shape[1] * stride < height or rw.shape[2] * stride < width:
-        raise ValueError(f"rw {tuple(rw.shape)} at stride {stride} cannot cover {out_size}")
+    if stride is None:
+        if out_size is None:
+            raise ValueError("stride=None needs out_size")
+        height, width = out_size
+    else:
+        height, width = out_size or (rw.shape[1] * stride, rw.shape[2] * stride)
+        if rw.shape[1] * stride < height or rw.shape[2] * stride < width:
+            raise ValueError(f"rw {tuple(rw.shape)} at stride {stride} cannot cover {out_size}")
     if len(keys) == 0:
         return np.zeros((height, width), np.uint8)
-    up = F.interpolate(rw[None], scale_factor=stride, mode="bilinear", align_corners=False)
-    up = up[0, :, :height, :width]
-    up = up / up.max().clamp_min(1e-12)
-    scores = F.pad(up, (0, 0, 0, 0, 1, 0), value=bg_thres)
+    if stride is None:
+        up = F.interpolate(rw[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    else:
+        up = F.interpolate(rw[None], scale_factor=stride, mode="bilinear", align_corners=False)
+        up = up[0, :, :height, :width]
+    if walked_background:
+        scores = up / up.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
+    else:
+        up = up / up.max().clamp_min(1e-12)
+        scores = F.pad(up, (0, 0, 0, 0, 1, 0), value=bg_thres)
     class_of_channel = np.concatenate([[0], keys]).astype(np.uint8)
     return class_of_channel[scores.argmax(dim=0).cpu().numpy()]
