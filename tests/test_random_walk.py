@@ -1,8 +1,11 @@
 """Sparse random walk against IRNet's dense formula, and the pseudo-mask step."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from inference.common import pseudo_mask_step
 from inference.common.path_index import PathIndex
 from inference.common.random_walk import (
     background_seed,
@@ -11,6 +14,9 @@ from inference.common.random_walk import (
     random_walk_dense_reference,
     transition_matrix,
 )
+from model_training.common.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _inputs(seed: int, size: tuple[int, int], num_maps: int = 3):
@@ -142,3 +148,11 @@ def test_sparse_walk_on_cuda_matches_cpu():
     cpu = random_walk(cams, boundary)
     gpu = random_walk(cams.cuda(), boundary.cuda())
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-5)
+
+
+def test_step_rejects_an_unknown_background_mode(tmp_path):
+    cfg = load_config(CONFIGS / "toy" / "5_irn_inference.yaml",
+                      [f"work_dir={tmp_path}", "pseudo.background=flood"], pseudo_mask_step.DEFAULTS)
+    with pytest.raises(ConfigError, match="pseudo.background.*'flood'"):
+        pseudo_mask_step.run(cfg)
+    assert not any(tmp_path.iterdir())  # nothing written before the check

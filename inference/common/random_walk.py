@@ -81,7 +81,8 @@ def random_walk(
     """Propagate (K, h, w) maps over an (h, w) boundary map; returns (K, h, w) float32.
 
     `cams` are the maps to spread (IRNet walks the foreground CAMs of the image's classes
-    and adds background afterwards, see `pseudo_mask_from_rw`); `boundary` is IRNet's
+    and adds background afterwards, see `pseudo_mask_from_rw`; AffinityNet walks a
+    `background_seed` with them); `boundary` is IRNet's
     sigmoid edge output at the same stride. Runs on the device of `boundary`.
     """
     if cams.dim() != 3 or cams.shape[1:] != boundary.shape:
