@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from model_training.cam_generation.classifier_training import (

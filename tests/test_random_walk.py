@@ -126,6 +126,10 @@ def test_walked_background_stops_at_a_wall():
     mask = pseudo_mask_from_rw(walked, keys=[5], stride=1, walked_background=True)
     assert (mask[:, wall + 1:] == 0).all()
     assert (mask[4:8, 2:6] == 5).all()
+    # without the wall the same seeds spill the class over to the right
+    open_walk = random_walk(seeds, torch.zeros(h, w))
+    leaky = pseudo_mask_from_rw(open_walk, keys=[5], stride=1, walked_background=True)
+    assert (leaky[:, wall + 1:] == 5).any()
 
 
 def test_pseudo_mask_without_classes_is_background():

@@ -188,11 +188,9 @@ def pseudo_mask_from_rw(
             raise ValueError(f"rw {tuple(rw.shape)} at stride {stride} cannot cover {out_size}")
     if len(keys) == 0:
         return np.zeros((height, width), np.uint8)
-    if stride is None:
-        up = F.interpolate(rw[None], size=(height, width), mode="bilinear", align_corners=False)[0]
-    else:
-        up = F.interpolate(rw[None], scale_factor=stride, mode="bilinear", align_corners=False)
-        up = up[0, :, :height, :width]
+    up = F.interpolate(rw[None], size=(height, width) if stride is None else None,
+                       scale_factor=stride, mode="bilinear", align_corners=False)
+    up = up[0, :, :height, :width]
     if walked_background:
         scores = up / up.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
     else:
