@@ -73,8 +73,10 @@ def _network_input(image: np.ndarray, long_side: int | None) -> torch.Tensor:
 def _to_image_size(maps: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """(stride-4 map, full-size map) of the original image from maps of the network input,
     renormalised so every class keeps its max of 1 after resizing."""
-    tensor = torch.from_numpy(maps)[None]
     strided = (math.ceil(height / CAM_STRIDE), math.ceil(width / CAM_STRIDE))
+    if len(maps) == 0:  # no class to show: a background-only image still gets its file
+        return (np.zeros((0, *strided), np.float32), np.zeros((0, height, width), np.float32))
+    tensor = torch.from_numpy(maps)[None]
     out = []
     for size in (strided, (height, width)):
         resized = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0]
@@ -147,7 +149,7 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
     todo = pending_ids(ids, out_dir, ".npz", cfg.overwrite)
     loader = DataLoader(_ImageList(source, todo), batch_size=None, num_workers=cfg.num_workers)
-    written, failed = 0, []
+    written, background_only, failed = 0, 0, []
     for image_id, image, error in tqdm(loader, total=len(todo), desc="2 cams", unit="img",
                                        dynamic_ncols=True):
         try:
@@ -161,13 +163,15 @@ def run(cfg, ids: list[str] | None = None) -> dict:
                 cams = merge_cams(cams, {k: v[present] for k, v in extra_cams.items()})
             save_cams(out_dir / f"{image_id}.npz", cams["keys"], cams["cam"], cams["high_res"])
             written += 1
+            background_only += len(cams["keys"]) == 0
         except Exception as err:  # noqa: BLE001 - one bad image must not end the step
             report_failure(image_id, err)
             failed.append(image_id)
             if cfg.on_error == "stop":
                 raise
-    summary = {"written": written, "failed": failed, "skipped_existing": len(ids) - len(todo),
-               "seconds": round(time.time() - start, 2)}
+    summary = {"written": written, "background_only": background_only, "failed": failed,
+               "skipped_existing": len(ids) - len(todo), "seconds": round(time.time() - start, 2)}
     mark_done(out_dir, summary, cfg.shard)
-    print(f"2_cams: {written} written, {len(failed)} failed -> {out_dir}", file=sys.stderr)
+    print(f"2_cams: {written} written ({background_only} with no class: background only), "
+          f"{len(failed)} failed -> {out_dir}", file=sys.stderr)
     return summary

@@ -8,7 +8,8 @@ from model_training.common.config import save_config
 from model_training.common.datasets import build_source
 
 from .ir_labels import process_image, run_pool
-from .step_io import clear_done, mark_done, pending_ids, shard_ids, step_dir
+from .step_io import (clear_done, ids_with_inputs, mark_done, pending_ids, shard_ids,
+                      step_dir)
 
 DEFAULTS = {
     "crf": {
@@ -42,10 +43,10 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     start = time.time()
     source = build_source(cfg.dataset, cfg.crf.split)
     cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 3)
+    ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
+    with_cams = ids_with_inputs(ids, cam_dir, ".npz", producer=2)
     save_config(cfg, out_dir)
     clear_done(out_dir, cfg.shard)
-    ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
-    with_cams = [i for i in ids if (cam_dir / f"{i}.npz").is_file()]
     todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
     worker = functools.partial(
         process_image, load_image=source.load_image, cam_dir=cam_dir, out_dir=out_dir,

@@ -23,8 +23,8 @@ from model_training.common.transforms import image_to_tensor
 
 from .crf import crf_inference
 from .random_walk import background_seed, pseudo_mask_from_rw, random_walk
-from .step_io import (clear_done, load_cams, mark_done, pending_ids, run_over_images, save_png,
-                      shard_ids, step_dir)
+from .step_io import (clear_done, ids_with_inputs, load_cams, mark_done, pending_ids,
+                      run_over_images, save_png, shard_ids, step_dir)
 
 DEFAULTS = {
     "pseudo": {
@@ -63,6 +63,8 @@ class PseudoMaskMaker:
     def __call__(self, image: np.ndarray, cams: dict) -> np.ndarray:
         cfg = self.cfg
         height, width = image.shape[:2]
+        if len(cams["keys"]) == 0:  # no class in the image: nothing to walk
+            return np.zeros((height, width), np.uint8)
         tensor = image_to_tensor(image)
         if cfg.input_long_side and max(height, width) != cfg.input_long_side:
             scale = cfg.input_long_side / max(height, width)
@@ -105,11 +107,11 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     device = resolve_device(cfg.device)
     source = build_source(cfg.dataset, cfg.pseudo.split)
     cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 5)
+    ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
+    with_cams = ids_with_inputs(ids, cam_dir, ".npz", producer=2)
     save_config(cfg, out_dir)
     clear_done(out_dir, cfg.shard)
     maker = PseudoMaskMaker(checkpoint, device, cfg.pseudo)
-    ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
-    with_cams = [i for i in ids if (cam_dir / f"{i}.npz").is_file()]
     todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
 
     def make(image_id: str) -> None:

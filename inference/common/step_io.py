@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from model_training.common.config import parse_shard
+from model_training.common.config import ConfigError, parse_shard
 from model_training.common.distributed import rank, world_size
 
 STEP_DIRS = {
@@ -97,6 +97,22 @@ def pending_ids(ids: Iterable[str], out_dir, suffix: str, overwrite: bool = Fals
         return ids
     done = {p.name for p in Path(out_dir).glob(f"*{suffix}")} if Path(out_dir).is_dir() else set()
     return [i for i in ids if f"{i}{suffix}" not in done]
+
+
+def ids_with_inputs(ids: Iterable[str], folder: Path, suffix: str, producer: int) -> list[str]:
+    """The ids that have ``<id><suffix>`` in ``folder`` (an earlier step's output); none at all
+    is a one-line error, since a step run before its producer would otherwise finish empty.
+    Some missing (images the earlier step could not read) are reported and left out."""
+    ids = list(ids)
+    present = {p.name for p in Path(folder).glob(f"*{suffix}")}
+    found = [i for i in ids if f"{i}{suffix}" in present]
+    if ids and not found:
+        raise ConfigError(f"no {suffix} file for any of the {len(ids)} images in {folder}: "
+                          f"run step {producer} first")
+    if len(found) < len(ids):
+        print(f"warning: {len(ids) - len(found)} images have no {suffix} file in {folder} "
+              f"and are left out", file=sys.stderr)
+    return found
 
 
 def resolve_shard(shard: str | None) -> tuple[int, int]:

@@ -1,0 +1,74 @@
+"""An image whose label list is empty (a crop with no object class) is a background-only
+training image, not an error: step 2 writes a CAM file with no maps, steps 3 and 5 an
+all-background mask. Steps 3 and 5 run without any CAMs are one-line errors, not no-ops."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inference.common import cam_step, ir_label_step, pseudo_mask_step
+from inference.common.step_io import load_cams, load_png, read_done, step_dir
+from model_training.cam_generation.irn_training import build_irnet
+from model_training.common.config import ConfigError, load_config
+from model_training.common.datasets.toy import ToySource
+from model_training.common.models.classifier import build_cam_classifier
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
+BACKBONE = "tf_efficientnet_lite0"
+TINY_TOY = ["device=cpu", "num_workers=0", "dataset.toy.num_train=3", "dataset.toy.num_val=2",
+            "dataset.toy.num_test=1", "dataset.toy.image_size=[40,56]"]
+
+
+@pytest.fixture
+def work_dir(tmp_path):
+    """Untrained step-1 and step-4 checkpoints: enough to run steps 2-5 on the toy images."""
+    torch.manual_seed(0)
+    classifier = build_cam_classifier(BACKBONE, "none", 16, class_ids=range(1, 7))
+    torch.save({"model": classifier.state_dict(), **classifier.checkpoint_fields()},
+               step_dir(tmp_path, 1) / "best.pt")
+    arch = {"backbone": BACKBONE, "weights": "none", "output_stride": 16,
+            "with_displacement": False}
+    torch.save({"model": build_irnet(arch).state_dict(), "arch": arch},
+               step_dir(tmp_path, 4) / "best.pt")
+    return tmp_path
+
+
+def _config(name, module, work_dir, *overrides):
+    return load_config(CONFIGS / name, [f"work_dir={work_dir}", *TINY_TOY, *overrides],
+                       module.DEFAULTS)
+
+
+def test_an_image_without_labels_becomes_background(work_dir, monkeypatch):
+    first = ToySource.labels  # the first toy image keeps no label
+    monkeypatch.setattr(ToySource, "labels",
+                        lambda self, image_id: [] if image_id == self.ids[0] else first(self, image_id))
+    source = ToySource(seed=0, num_images=3, image_size=(40, 56), split="train")
+    empty, labelled = source.ids[0], source.ids[1]
+    assert source.labels(labelled)  # the others keep theirs
+
+    # input_long_side resizes the maps back to the image: the step that used to fail on K=0
+    summary = cam_step.run(_config("2_cam.yaml", cam_step, work_dir, "cam.input_long_side=64",
+                                   "cam.scales=[1.0]", "cam.labels=gt"))
+    assert summary["written"] == 3 and not summary["failed"] and summary["background_only"] == 1
+    cams = load_cams(work_dir / "2_cams" / f"{empty}.npz")
+    assert cams["keys"].shape == (0,)
+    assert cams["cam"].shape == (0, 10, 14) and cams["high_res"].shape == (0, 40, 56)
+    assert len(load_cams(work_dir / "2_cams" / f"{labelled}.npz")["keys"]) > 0
+
+    ir_label_step.run(_config("3_crf.yaml", ir_label_step, work_dir, "crf.num_workers=1"))
+    pseudo_mask_step.run(_config("5_irn_inference.yaml", pseudo_mask_step, work_dir,
+                                 "pseudo.input_long_side=64"))
+    for folder in ("3_ir_labels", "5_pseudo_masks"):
+        mask = load_png(work_dir / folder / f"{empty}.png")
+        assert mask.shape == (40, 56) and not mask.any(), folder  # all background
+        assert read_done(work_dir / folder)["written"] == 3, folder
+
+
+@pytest.mark.parametrize("name,module", [("3_crf.yaml", ir_label_step),
+                                         ("5_irn_inference.yaml", pseudo_mask_step)])
+def test_a_step_without_cams_is_one_error(work_dir, name, module):
+    with pytest.raises(ConfigError, match=r"2_cams.*run step 2 first"):
+        module.run(_config(name, module, work_dir))
+    out_dir = work_dir / ("3_ir_labels" if module is ir_label_step else "5_pseudo_masks")
+    assert not out_dir.exists() or not any(out_dir.iterdir())  # nothing written, nothing marked done
