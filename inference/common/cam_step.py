@@ -126,12 +126,12 @@ def _check(cfg) -> list[Path]:
                                 ("normalize", c.normalize, NORMALIZATIONS)):
         if value not in allowed:
             raise ConfigError(f"key 'cam.{key}' must be one of {', '.join(allowed)}, got {value!r}")
-    checkpoints = [Path(c.checkpoint or step_dir(cfg.work_dir, 1) / "best.pt")]
-    checkpoints += [Path(p) for p in c.extra_checkpoints]
-    for path in checkpoints:
+    checkpoints = [("cam.checkpoint", Path(c.checkpoint or step_dir(cfg.work_dir, 1) / "best.pt"))]
+    checkpoints += [("cam.extra_checkpoints", Path(p)) for p in c.extra_checkpoints]
+    for key, path in checkpoints:
         if not path.is_file():
-            raise ConfigError(f"key 'cam.checkpoint': classifier checkpoint not found: {path}")
-    return checkpoints
+            raise ConfigError(f"key '{key}': classifier checkpoint not found: {path}")
+    return [path for _, path in checkpoints]
 
 
 def run(cfg, ids: list[str] | None = None) -> dict:

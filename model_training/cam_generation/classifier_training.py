@@ -27,6 +27,7 @@ from model_training.common.config import (COMMON_DEFAULTS, Config, ConfigError, 
 from model_training.common.datasets import (ImageLoadError, ImageSource, build_source,
                                             labels_to_vector)
 from model_training.common.models import CamClassifier, backbone_exists, build_cam_classifier
+from model_training.common.models.weights import WeightsError
 from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume,
                                            seed_everything, seed_worker)
 from model_training.common.transforms import build_transform
@@ -386,8 +387,11 @@ def train_classifier(cfg: Config) -> dict:
             scores, targets = predict_scores(model, val_loader, device)
             return classification_metrics(scores, targets, names, cfg.val.threshold)
 
-    model = build_cam_classifier(cfg.model.backbone, cfg.model.weights, cfg.model.output_stride,
-                                 class_ids, freeze_bn=cfg.model.freeze_bn).to(device)
+    try:
+        model = build_cam_classifier(cfg.model.backbone, cfg.model.weights, cfg.model.output_stride,
+                                     class_ids, freeze_bn=cfg.model.freeze_bn).to(device)
+    except WeightsError as err:
+        raise ConfigError(f"key 'model.weights': {err}") from None
     pos_weight = (positive_weights(train_set.targets, cfg.loss.max_pos_weight).to(device)
                   if cfg.loss.pos_weight else None)
 
