@@ -16,7 +16,8 @@ from pathlib import Path
 
 from inference.common.examples import write_examples
 from inference.common.report import build_report, format_report, score_stages, write_report
-from inference.common.step_io import STEP_DIRS, read_done, step_dir
+from inference.common.step_io import STEP_DIRS, read_done
+from inference.segmentation.predict_step import predicted_split
 from model_training.common.config import (COMMON_DEFAULTS, ConfigError, exit_on_config_error,
                                           load_config, merge_defaults, parse_override)
 from model_training.common.datasets import build_source
@@ -86,7 +87,7 @@ def main(argv=None) -> dict:
     step_configs = exit_on_config_error(load_step_configs, args.config_dir, args.overrides)
     seconds = run_steps(step_configs)
     cfg = step_configs[-1][2]
-    stages = score_stages(cfg, step_configs[1][2].cam.split, cfg.submit.split)
+    stages = score_stages(cfg, step_configs[1][2].cam.split, predicted_split(cfg))
     report = build_report(cfg, stages, seconds)
     write_report(report, cfg.work_dir)
     print(format_report(report))

@@ -19,12 +19,17 @@ SUBMIT_DIR = Path(__file__).resolve().parent / "submit"
 
 DEFAULTS = {
     "submit": {
-        "split": "val",
+        "split": None,  # None: dataset.test_split
         # The submission folder's own config (TTA scales, flip, input size, weights); None:
         # <work_dir>/6_segmentation/export_config.yaml, which step 6 writes beside model.pt.
         "config": None,
     },
 }
+
+
+def predicted_split(cfg) -> str:
+    """The split step 7 predicts: ``submit.split``, else the dataset's test split."""
+    return cfg.submit.split or cfg.dataset.test_split
 
 
 def split_image_folder(cfg, source) -> tuple[Path, Path]:
@@ -33,13 +38,13 @@ def split_image_folder(cfg, source) -> tuple[Path, Path]:
     The ids file keeps the split's order, so the script's ``--shard`` takes the images
     ``shard_ids`` gives this process; it is written atomically (shards write it at once).
     """
-    ids_file = Path(cfg.work_dir) / f"{cfg.submit.split}_ids.txt"
+    ids_file = Path(cfg.work_dir) / f"{source.split}_ids.txt"
     text = "\n".join(source.ids) + "\n"
     atomic_write(ids_file, lambda tmp: Path(tmp).write_text(text))
     root = getattr(source, "root", None)
     if root is not None and (Path(root) / "JPEGImages").is_dir():
         return Path(root) / "JPEGImages", ids_file
-    folder = Path(cfg.work_dir) / f"images_{cfg.submit.split}"
+    folder = Path(cfg.work_dir) / f"images_{source.split}"
     folder.mkdir(parents=True, exist_ok=True)
     from PIL import Image
 
@@ -52,12 +57,12 @@ def split_image_folder(cfg, source) -> tuple[Path, Path]:
 
 
 def run(cfg) -> dict:
-    """Predict every image of ``submit.split`` into ``7_predictions/``; returns a summary."""
+    """Predict every image of ``predicted_split`` into ``7_predictions/``; returns a summary."""
     start = time.time()
     out_dir = step_dir(cfg.work_dir, 7)
     save_config(cfg, out_dir)
     clear_done(out_dir, cfg.shard)
-    source = build_source(cfg.dataset, cfg.submit.split)
+    source = build_source(cfg.dataset, predicted_split(cfg))
     data_dir, ids_file = split_image_folder(cfg, source)
     submit_config = Path(cfg.submit.config or step_dir(cfg.work_dir, 6) / "export_config.yaml")
     if not submit_config.is_file():
@@ -74,7 +79,7 @@ def run(cfg) -> dict:
         raise RuntimeError(f"generate_predictions.py exited with code {result.returncode}")
     mine = shard_ids(source.ids, cfg.shard)
     summary = {"written": sum((out_dir / f"{i}.png").is_file() for i in mine),
-               "split": cfg.submit.split,
+               "split": source.split,
                "seconds": round(time.time() - start, 2)}
     mark_done(out_dir, summary, cfg.shard)
     return summary

@@ -1,7 +1,7 @@
 """Predict a segmentation mask for every image of a folder (step 7, standalone).
 
     python generate_predictions.py SAVE_DIR DATA_DIR [--weights F] [--config F]
-        [--device D] [--ids FILE] [--shard i/n] [--overwrite]
+        [--device D] [--ids FILE] [--shard i/n] [--overwrite] [key=value ...]
 
 Writes SAVE_DIR/<image name without extension>.png: uint8 class ids at the image's original
 size. Flip + multi-scale test-time augmentation: softmax averaged over the views, each
@@ -248,6 +248,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("save_dir", type=Path, help="folder for the <image name>.png masks")
     parser.add_argument("data_dir", type=Path, help="folder of images, or a folder with JPEGImages/")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help=f"config values over the file's ({', '.join(DEFAULTS)}), e.g. flip=false")
     parser.add_argument("--weights", type=Path, help="checkpoint (default: config's weights)")
     parser.add_argument("--config", type=Path, help="YAML config (default: config.yaml beside this script)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: config's device)")
@@ -266,9 +268,27 @@ def read_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
         cfg = load_config(config_path)
     else:  # the folder was copied without its config.yaml
         cfg = {**DEFAULTS, "weights": str(HERE / DEFAULTS["weights"])}
+    cfg = apply_overrides(cfg, args.overrides)
     if args.device:
         cfg["device"] = args.device
     return cfg, args.weights or Path(cfg["weights"])
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """``key=value`` items (values in YAML: ``scales=[1.0,1.5]``) over ``cfg``, checked again;
+    a relative ``weights`` is relative to the current folder, as on any command line."""
+    cfg = dict(cfg)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or key not in DEFAULTS:
+            raise UsageError(f"override {item!r}: expected key=value with key one of "
+                             f"{', '.join(DEFAULTS)}")
+        try:
+            cfg[key] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise UsageError(f"override {item!r}: not a YAML value") from error
+    _check_config(cfg, Path("command line"))
+    return cfg
 
 
 def find_inputs(args: argparse.Namespace, recursive: bool) -> list[tuple[str, Path]]:
