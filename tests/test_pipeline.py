@@ -1,6 +1,7 @@
 """The whole pipeline on a tiny toy config: every folder of DESIGN.md section 3 gets filled,
 report.json has the documented schema, and a second run resumes everything."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -65,6 +66,18 @@ def test_report_schema(tiny_run):
     assert all(seconds > 0 for seconds in report["seconds"].values())
 
 
+def test_printed_table_has_each_step_its_score_and_seconds(tiny_run):
+    _, report, first, _ = tiny_run
+    rows = {line.split()[0]: line for line in first.stdout.splitlines() if line.strip()}
+    for step, stage in (("2_cams", "cam"), ("3_ir_labels", "ir_label"),
+                        ("5_pseudo_masks", "pseudo_mask"), ("7_predictions", "segmentation")):
+        assert f"{report['stages'][stage]['miou']:.2f}" in rows[step], rows[step]
+    for step, seconds in report["seconds"].items():
+        assert rows[step].endswith(f"{seconds:.1f}"), rows[step]
+    assert f"{100 * report['classifier']['val_map']:.2f}" in rows["1_classifier"]
+    assert rows["total"].endswith(f"{sum(report['seconds'].values()):.1f}")
+
+
 def test_second_run_resumes_every_step(tiny_run):
     _, report, _, second = tiny_run
     assert second.returncode == 0, second.stderr[-3000:]
@@ -78,3 +91,22 @@ def test_unknown_override_is_one_line_exit_2():
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "train.epocs" in proc.stderr
+
+
+@pytest.mark.parametrize("split_override,split,count", [([], "val", 4),
+                                                        (["submit.split=null"], "test", 3)])
+def test_step7_script_predicts_the_configured_split(tiny_run, tmp_path, split_override, split,
+                                                    count):
+    """Step 7 on its own, from the pipeline's 7_submit.yaml and step 6's exported model;
+    ``submit.split: null`` means the dataset's test split."""
+    from inference.segmentation import predict
+
+    shutil.copytree(tiny_run[0] / "6_segmentation", tmp_path / "6_segmentation")
+    summary = predict.main(["--config", str(REPO / "configs" / "toy" / "7_submit.yaml"),
+                            f"work_dir={tmp_path}", "dataset.toy.num_train=6",
+                            "dataset.toy.num_val=4", "dataset.toy.num_test=3",
+                            "dataset.toy.image_size=[48,64]", *split_override])
+    assert summary["split"] == split and summary["written"] == count
+    masks = sorted((tmp_path / "7_predictions").glob("*.png"))
+    assert [p.stem for p in masks] == [f"{split}_{i:05d}" for i in range(count)]
+    assert all(np.asarray(Image.open(p)).shape == (48, 64) for p in masks)

@@ -9,8 +9,9 @@ from model_training.common.datasets import build_source
 from .evaluation import evaluate_cam_folder, evaluate_label_folder
 from .step_io import STEP_DIRS, atomic_write, read_done
 
-STAGE_TITLES = {"cam": "CAM (train, best threshold)", "ir_label": "IR labels (train, confident)",
-                "pseudo_mask": "pseudo masks (train)", "segmentation": "segmentation"}
+# The stage each step's output is scored as (steps 4 and 6 train models: time only).
+STAGE_OF_STEP = {STEP_DIRS[2]: "cam", STEP_DIRS[3]: "ir_label", STEP_DIRS[5]: "pseudo_mask",
+                 STEP_DIRS[7]: "segmentation"}
 
 
 def score_stages(cfg, train_split: str, val_split: str) -> dict:
@@ -50,17 +51,34 @@ def write_report(report: dict, work_dir) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
 
 
+def _stage_cell(key: str, stage: dict) -> str:
+    """What a stage's mIoU was measured on, e.g. ``CAM (train, threshold 0.60)``."""
+    if key == "cam":
+        return f"CAM (train, best threshold {stage['threshold']:.2f})"
+    if key == "ir_label":
+        return f"IR labels (train, confident; coverage {stage['coverage']:.1f} %)"
+    if key == "pseudo_mask":
+        return "pseudo masks (train)"
+    return f"segmentation ({stage.get('split', 'val')})"
+
+
 def format_report(report: dict) -> str:
-    """The table the runner prints: stage, mIoU, seconds."""
-    lines = [f"{'stage':<34s} {'mIoU':>7s}", "-" * 42]
-    if report["classifier"].get("val_map") is not None:
-        lines.append(f"{'classifier (val mAP x100)':<34s} {100 * report['classifier']['val_map']:7.2f}")
-    for key, title in STAGE_TITLES.items():
-        stage = report["stages"].get(key)
+    """The table the runner prints: one row per step, its stage's mIoU and its seconds."""
+    rows = []
+    for name, seconds in report["seconds"].items():
+        title, score = "", None
+        if name == STEP_DIRS[1] and report["classifier"].get("val_map") is not None:
+            title, score = "classifier (val mAP x100)", 100 * report["classifier"]["val_map"]
+        key = STAGE_OF_STEP.get(name)
+        stage = report["stages"].get(key) if key else None
         if stage and stage.get("miou") is not None:
-            extra = {k: v for k, v in stage.items() if k != "miou"}
-            lines.append(f"{title:<34s} {stage['miou']:7.2f}  {extra if extra else ''}")
-    lines += ["", f"{'step':<34s} {'seconds':>7s}", "-" * 42]
-    lines += [f"{name:<34s} {sec:7.1f}" for name, sec in report["seconds"].items()]
-    lines.append(f"{'total':<34s} {sum(report['seconds'].values()):7.1f}")
+            title, score = _stage_cell(key, stage), stage["miou"]
+        rows.append((name, title, f"{score:.2f}" if score is not None else "-", f"{seconds:.1f}"))
+    rows.append(("total", "", "", f"{sum(report['seconds'].values()):.1f}"))
+    header = ("step", "stage", "mIoU", "seconds")
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
+    lines = [f"{header[0]:<{widths[0]}}  {header[1]:<{widths[1]}}  {header[2]:>{widths[2]}}  "
+             f"{header[3]:>{widths[3]}}", "-" * (sum(widths) + 6)]
+    lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d:>{widths[3]}}"
+              for a, b, c, d in rows]
     return "\n".join(lines)
