@@ -3,7 +3,6 @@ training image, not an error: step 2 writes a CAM file with no maps, steps 3 and
 all-background mask. Steps 3 and 5 run without any CAMs are one-line errors, not no-ops."""
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from model_training.common.config import ConfigError, resolve_device, save_config
 from model_training.common.datasets import build_source
@@ -24,7 +23,7 @@ from model_training.common.transforms import image_to_tensor
 
 from .cam import (CAM_STRIDE, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams,
                   multiscale_cams, select_outputs)
-from .step_io import (clear_done, mark_done, pending_ids, report_failure, save_cams, shard_ids,
+from .step_io import (clear_done, mark_done, pending_ids, run_over_images, save_cams, shard_ids,
                       step_dir)
 
 DEFAULTS = {
@@ -149,29 +148,26 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
     todo = pending_ids(ids, out_dir, ".npz", cfg.overwrite)
     loader = DataLoader(_ImageList(source, todo), batch_size=None, num_workers=cfg.num_workers)
-    written, background_only, failed = 0, 0, []
-    for image_id, image, error in tqdm(loader, total=len(todo), desc="2 cams", unit="img",
-                                       dynamic_ncols=True):
-        try:
-            if error is not None:
-                raise OSError(error)
-            labels = source.labels(image_id)
-            cams = main(image, labels, cfg.cam.labels)
-            for extra in extras:
-                extra_cams = extra(image, labels, "confident")
-                present = np.isin(extra_cams["keys"], cams["keys"], invert=True)
-                cams = merge_cams(cams, {k: v[present] for k, v in extra_cams.items()})
-            save_cams(out_dir / f"{image_id}.npz", cams["keys"], cams["cam"], cams["high_res"])
-            written += 1
-            background_only += len(cams["keys"]) == 0
-        except Exception as err:  # noqa: BLE001 - one bad image must not end the step
-            report_failure(image_id, err)
-            failed.append(image_id)
-            if cfg.on_error == "stop":
-                raise
-    summary = {"written": written, "background_only": background_only, "failed": failed,
+    background_only = []
+
+    def extract(item) -> None:
+        image_id, image, error = item
+        if error is not None:
+            raise OSError(error)
+        labels = source.labels(image_id)
+        cams = main(image, labels, cfg.cam.labels)
+        for extra in extras:
+            extra_cams = extra(image, labels, "confident")
+            present = np.isin(extra_cams["keys"], cams["keys"], invert=True)
+            cams = merge_cams(cams, {k: v[present] for k, v in extra_cams.items()})
+        save_cams(out_dir / f"{image_id}.npz", cams["keys"], cams["cam"], cams["high_res"])
+        if len(cams["keys"]) == 0:
+            background_only.append(image_id)
+
+    written, failed = run_over_images(loader, extract, "2 cams", cfg.on_error)
+    summary = {"written": written, "background_only": len(background_only), "failed": failed,
                "skipped_existing": len(ids) - len(todo), "seconds": round(time.time() - start, 2)}
     mark_done(out_dir, summary, cfg.shard)
-    print(f"2_cams: {written} written ({background_only} with no class: background only), "
+    print(f"2_cams: {written} written ({len(background_only)} with no class: background only), "
           f"{len(failed)} failed -> {out_dir}", file=sys.stderr)
     return summary

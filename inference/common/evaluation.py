@@ -69,14 +69,6 @@ def evaluate_label_folder(pred_dir, load_gt: MaskLoader, num_classes: int,
     return result
 
 
-def cam_prediction(cams: np.ndarray, keys: np.ndarray, threshold: float) -> np.ndarray:
-    """IRNet's CAM segmentation: background wherever no class map exceeds ``threshold``."""
-    if cams.shape[0] == 0:
-        return np.zeros(cams.shape[1:], dtype=np.int64)
-    best = cams.argmax(axis=0)
-    return np.where(cams.max(axis=0) > threshold, keys[best], 0)
-
-
 def evaluate_cam_folder(cam_dir, load_gt: MaskLoader, num_classes: int,
                         ids: Iterable[str] | None = None,
                         thresholds: Sequence[float] = DEFAULT_THRESHOLDS,

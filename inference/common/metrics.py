@@ -33,9 +33,6 @@ class ConfusionMatrix:
         index = gt * (self.num_classes + 1) + pred
         self.matrix += np.bincount(index, minlength=self.matrix.size).reshape(self.matrix.shape)
 
-    def merge(self, other: "ConfusionMatrix") -> None:
-        self.matrix += other.matrix
-
     def iou(self) -> np.ndarray:
         """Per-class IoU; NaN for a class absent from both prediction and ground truth."""
         square = self.matrix[:, : self.num_classes]

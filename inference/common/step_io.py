@@ -136,14 +136,18 @@ def report_failure(image_id: str, error: BaseException) -> None:
     tqdm.write(f"warning: {image_id}: {message}", file=sys.stderr)
 
 
-def run_over_images(ids: Iterable[str], fn: Callable[[str], object], desc: str,
+def run_over_images(items: Iterable, fn: Callable[..., object], desc: str,
                     on_error: str = "skip") -> tuple[int, list[str]]:
-    """Call ``fn(id)`` for each id under a progress bar; a failing image is reported and skipped
-    (``on_error="stop"`` re-raises after reporting). Returns (number done, failed ids)."""
+    """Call ``fn(item)`` for each item under a progress bar; a failing image is reported and
+    skipped (``on_error="stop"`` re-raises after reporting). An item is an image id, or a
+    sequence that starts with one (a DataLoader's ``(id, image, ...)``). Returns (number
+    done, failed ids)."""
     done, failed = 0, []
-    for image_id in tqdm(list(ids), desc=desc, unit="img", dynamic_ncols=True):
+    items = items if hasattr(items, "__len__") else list(items)
+    for item in tqdm(items, desc=desc, unit="img", dynamic_ncols=True):
+        image_id = item if isinstance(item, str) else item[0]
         try:
-            fn(image_id)
+            fn(item)
             done += 1
         except (KeyboardInterrupt, SystemExit):
             raise

@@ -233,7 +233,7 @@ class Trainer:
                  out_dir: str | os.PathLike, train_cfg: Mapping, device: torch.device, *,
                  step_fn: StepFn, validate_fn: ValidateFn | None = None,
                  best_metric: str | None = None, checkpoint_fields: Mapping | None = None,
-                 resume: bool = False, is_main_process: bool | None = None):
+                 resume: bool = False):
         if validate_fn is not None and best_metric is None:
             raise ValueError("validate_fn needs best_metric: the metric that picks best.pt")
         self.model = model
@@ -244,7 +244,7 @@ class Trainer:
         self.step_fn, self.validate_fn, self.best_metric = step_fn, validate_fn, best_metric
         self.fields = dict(checkpoint_fields or {})
         self.resume = resume
-        self.is_main = is_main() if is_main_process is None else is_main_process
+        self.is_main = is_main()
         self.epochs = int(train_cfg["epochs"])
         self.optimizer = build_optimizer(param_groups, train_cfg)
         self.schedule = LRSchedule(train_cfg["lr_schedule"], self.epochs, train_cfg["poly_power"],
