@@ -1,15 +1,17 @@
 """Several processes: DDP training under torchrun (gloo, CPU) and sharded inference steps.
 
 Two ranks must end an optimisation step with the same weights, equal to one process
-training on both ranks' batches at once; step 1 under torchrun writes the checkpoints a
-single process writes; step 2 under torchrun or with ``--shard i/n`` writes every CAM file
-exactly once, with the content a single process writes.
+training on both ranks' batches at once (the real step-1 classifier's ranks agree bit for
+bit too); step 1 under torchrun writes the checkpoints a single process writes; step 2
+under torchrun or with ``--shard i/n`` writes every CAM file exactly once, with the content
+a single process writes.
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -24,16 +26,19 @@ from torch.utils.data import DataLoader, TensorDataset
 from inference.common import cam_step
 from inference.common.step_io import clear_done, mark_done, read_done, shard_ids
 from inference.irn_steps import multiscale_cam
+from model_training.cam_generation import classifier_training
 from model_training.cam_generation.classifier_training import DEFAULTS, train_classifier
 from model_training.common import distributed
 from model_training.common.config import ConfigError, load_config, merge_defaults
-from model_training.common.trainer import TRAIN_DEFAULTS, Trainer, seed_everything
+from model_training.common.trainer import TRAIN_DEFAULTS, Trainer, seed_everything, unwrap
 from tests.conftest import REPO
 
 TINY_TOY = ["device=cpu", "num_workers=0", "dataset.toy.num_train=8", "dataset.toy.num_val=4",
             "dataset.toy.num_test=2", "dataset.toy.image_size=[32,48]"]
 CLASSIFIER = [*TINY_TOY, "model.weights=none", "data.resize_long=[48,48]", "train.epochs=1",
               "train.batch_size=2", "val.batch_size=4"]
+# Two ranks x one batch of 2 = the 4 training images: exactly one optimisation step each.
+ONE_STEP_PER_RANK = [*CLASSIFIER, "dataset.toy.num_train=4", "train.batch_size=2"]
 CAMS = [*TINY_TOY, "cam.scales=[1.0]", "cam.flip=false", "cam.input_long_side=null"]
 
 
@@ -163,6 +168,59 @@ def test_two_ranks_step_together_like_one_process_on_both_batches(tmp_path):
     losses = [float(_rows(tmp_path / name / "metrics.csv")[0]["train/loss"])
               for name in ("ddp", "single")]
     assert losses[0] == pytest.approx(losses[1])
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _step1_rank_worker(rank: int, port: int, work_dir: str, report: str) -> None:
+    """Step 1 as torchrun's rank ``rank`` of 2 would run it; saves this rank's weights.
+
+    Only rank 0 writes checkpoints, so the Trainer that step 1 builds is swapped (in this
+    process only) for one that keeps a copy of the parameters before and after ``fit``.
+    """
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    seen = {}
+
+    class WeightKeepingTrainer(Trainer):
+        def fit(self) -> dict:
+            model = unwrap(self.model)
+            seen["names"] = [name for name, _ in model.named_parameters()]
+            seen["before"] = _flat(model)
+            summary = super().fit()
+            seen["after"], seen["steps"] = _flat(model), self.iteration
+            return summary
+
+    classifier_training.Trainer = WeightKeepingTrainer
+    try:
+        train_classifier(load_config(REPO / "configs/toy/1_classifier.yaml",
+                                     [f"work_dir={work_dir}", *ONE_STEP_PER_RANK], DEFAULTS))
+        torch.save(seen, f"{report}.{rank}")
+    finally:
+        distributed.cleanup()
+
+
+def test_step1_ranks_hold_the_same_weights_after_one_step(tmp_path):
+    """The real step 1 (the CAM classifier, not a toy layer) on two gloo ranks."""
+    report = tmp_path / "weights"
+    mp.spawn(_step1_rank_worker, args=(_free_port(), str(tmp_path / "ddp"), str(report)),
+             nprocs=2)
+    ranks = [torch.load(f"{report}.{rank}", weights_only=True) for rank in (0, 1)]
+    assert [seen["steps"] for seen in ranks] == [1, 1]
+    # DDP starts every rank from rank 0's weights (each rank seeded its own model) ...
+    torch.testing.assert_close(ranks[0]["before"], ranks[1]["before"], rtol=0, atol=0)
+    # ... and averaged gradients keep them equal, bit for bit, after the step.
+    torch.testing.assert_close(ranks[0]["after"], ranks[1]["after"], rtol=0, atol=0)
+    assert not torch.equal(ranks[1]["after"], ranks[1]["before"])  # it did learn
+    # What rank 0 saved is what rank 1 holds.
+    saved = torch.load(tmp_path / "ddp" / "1_classifier" / "last.pt", weights_only=True)["model"]
+    torch.testing.assert_close(torch.cat([saved[name].flatten() for name in ranks[1]["names"]]),
+                               ranks[1]["after"], rtol=0, atol=0)
 
 
 # ---- steps 1 and 2 under torchrun -----------------------------------------------------------
