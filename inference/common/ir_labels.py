@@ -15,8 +15,9 @@ from tqdm import tqdm
 
 from inference.common import step_io
 from inference.common.crf import crf_inference
+from inference.common.metrics import IGNORE_INDEX
 
-UNSURE = 255
+UNSURE = IGNORE_INDEX  # IRNet learns nothing from these pixels
 
 
 def _crf_labels(image, cams, background_score, crf_params) -> np.ndarray:

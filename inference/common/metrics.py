@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+# Pixels of this value are never scored or trained on: void in ground truth, padding in
+# crops, "unsure" in IR labels and in the segmentation loss (``ignore_index``).
 IGNORE_INDEX = 255
 
 

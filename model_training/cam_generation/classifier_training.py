@@ -27,6 +27,7 @@ from model_training.common.config import (COMMON_DEFAULTS, Config, ConfigError, 
 from model_training.common.datasets import (ImageLoadError, ImageSource, build_source,
                                             labels_to_vector)
 from model_training.common.models import CamClassifier, backbone_exists, build_cam_classifier
+from model_training.common.datasets.voc import read_id_list
 from model_training.common.models.weights import WeightsError
 from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume,
                                            seed_everything, seed_worker)
@@ -90,12 +91,11 @@ def output_class_ids(source: ImageSource, target_classes: Sequence = (),
     return ids
 
 
-def read_id_list(path: str | Path) -> list[str]:
-    """Image ids, one a line (further columns ignored), as in VOC's ImageSets."""
-    path = Path(path)
-    if not path.is_file():
+def read_train_list(path: str | Path) -> list[str]:
+    """The ids of ``data.train_list`` (VOC ImageSets format)."""
+    if not Path(path).is_file():
         raise ConfigError(f"key 'data.train_list': file does not exist: {path}")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return read_id_list(path)
 
 
 def training_images(source: ImageSource, ids: Iterable[str], drop_class_ids: Iterable[int],
@@ -354,7 +354,7 @@ def train_classifier(cfg: Config) -> dict:
     source = build_source(cfg.dataset, cfg.dataset.train_split)
     class_ids = output_class_ids(source, cfg.data.target_classes, cfg.data.exclude_classes)
     drop_ids = [class_id(source, c, "data.drop_images_with") for c in cfg.data.drop_images_with]
-    listed = read_id_list(cfg.data.train_list) if cfg.data.train_list else source.ids
+    listed = read_train_list(cfg.data.train_list) if cfg.data.train_list else source.ids
     ids, labels, dropped = training_images(source, listed, drop_ids, cfg.on_error)
     if not ids:
         raise ConfigError("no training images left after 'data.drop_images_with' / 'data.train_list'")

@@ -10,9 +10,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from inference.common.metrics import IGNORE_INDEX
 from inference.common.path_index import PathIndex
 
-IGNORE_LABEL = 255
 EPS = 1e-5
 
 
@@ -31,7 +31,7 @@ def label_to_stride(label: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def affinity_targets(
-    label: torch.Tensor, path_index: PathIndex, ignore_index: int = IGNORE_LABEL
+    label: torch.Tensor, path_index: PathIndex, ignore_index: int = IGNORE_INDEX
 ) -> AffinityTargets:
     """(B, h, w) integer labels -> pair masks for IRNet's AffinityDisplacementLoss."""
     label = label.long()

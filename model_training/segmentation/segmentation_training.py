@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from inference.common.metrics import ConfusionMatrix
+from inference.common.metrics import IGNORE_INDEX, ConfusionMatrix
 from inference.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done, report_failure,
                                       step_dir)
 from model_training.common import distributed
@@ -36,8 +36,8 @@ from model_training.common.models.weights import (LITE_HEAD_PREFIXES, WeightsErr
                                                   read_state_dict, rename_efficientnet_lite_keys)
 from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume,
                                            seed_everything, seed_worker)
-from model_training.common.transforms import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD,
-                                              build_transform, image_to_tensor)
+from model_training.common.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_transform,
+                                              image_to_tensor)
 
 STEP = 6
 MASK_SOURCES = ("pseudo", "gt")

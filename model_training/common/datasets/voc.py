@@ -26,11 +26,16 @@ def read_class_names(root: Path, configured: list[str] | None) -> list[str]:
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]
     return list(VOC2012_CLASSES)
 
+def read_id_list(path: Path) -> list[str]:
+    """Image ids, one a line (further columns ignored), as in VOC's ImageSets."""
+    return [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def read_split_ids(root: Path, split: str) -> list[str]:
     path = root / "ImageSets" / "Segmentation" / f"{split}.txt"
     if not path.is_file():
         raise FileNotFoundError(f"split list not found: {path}")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return read_id_list(path)
 
 class VOCSource(FolderSource):
     """One split of a VOC-style folder; labels from cls_labels.json or derived from masks."""
