@@ -1,8 +1,9 @@
 """An image whose label list is empty (a crop with no object class) is a background-only
 training image, not an error: step 2 writes a CAM file with no maps, steps 3 and 5 an
-all-background mask. Steps 3 and 5 run without any CAMs are one-line errors, not no-ops."""
+all-background mask (step 5's optional walked maps: none). Steps 3 and 5 run without any CAMs are one-line errors, not no-ops."""
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,7 +58,14 @@ def test_an_image_without_labels_becomes_background(work_dir, monkeypatch):
 
     ir_label_step.run(_config("3_crf.yaml", ir_label_step, work_dir, "crf.num_workers=1"))
     pseudo_mask_step.run(_config("5_irn_inference.yaml", pseudo_mask_step, work_dir,
-                                 "pseudo.input_long_side=64"))
+                                 "pseudo.input_long_side=64", "pseudo.save_rw=true"))
+    with np.load(work_dir / "5_pseudo_masks" / f"{empty}.npz", allow_pickle=False) as walked:
+        assert walked["keys"].shape == (0,) and len(walked["rw"]) == 0
+    with np.load(work_dir / "5_pseudo_masks" / f"{labelled}.npz", allow_pickle=False) as walked:
+        # the toy config walks the background with the classes: its map comes first
+        keys = load_cams(work_dir / "2_cams" / f"{labelled}.npz")["keys"]
+        assert walked["keys"].tolist() == [0, *keys.tolist()]
+        assert walked["rw"].dtype == np.float16 and walked["rw"].shape[0] == len(keys) + 1
     for folder in ("3_ir_labels", "5_pseudo_masks"):
         mask = load_png(work_dir / folder / f"{empty}.png")
         assert mask.shape == (40, 56) and not mask.any(), folder  # all background

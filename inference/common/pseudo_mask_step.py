@@ -23,8 +23,8 @@ from model_training.common.transforms import image_to_tensor
 
 from .crf import crf_inference
 from .random_walk import background_seed, pseudo_mask_from_rw, random_walk
-from .step_io import (clear_done, ids_with_inputs, load_cams, mark_done, pending_ids,
-                      run_over_images, save_png, shard_ids, step_dir)
+from .step_io import (atomic_write, clear_done, ids_with_inputs, load_cams, mark_done,
+                      pending_ids, run_over_images, save_png, shard_ids, step_dir)
 
 DEFAULTS = {
     "pseudo": {
@@ -41,9 +41,12 @@ DEFAULTS = {
         "bg_power": 1.0,
         "flip": True,  # boundary-map test-time flip
         "input_long_side": None,  # upscale small images before IRNet (finer boundaries)
-        "crf": False,  # refine the final masks with the step-3 CRF settings below
+        "crf": False,  # refine the final masks with a dense CRF (the default kernels)
         "crf_iterations": 10,
         "crf_gt_prob": 0.7,
+        # also write <id>.npz: keys (0 = the walked background, first, with background: walk)
+        # and rw float16 (maps, h, w), the walked maps on the walk's grid, before the argmax
+        "save_rw": False,
     },
 }
 
@@ -60,11 +63,12 @@ class PseudoMaskMaker:
         self.device = device
         self.cfg = cfg
 
-    def __call__(self, image: np.ndarray, cams: dict) -> np.ndarray:
+    def __call__(self, image: np.ndarray, cams: dict) -> tuple[np.ndarray, dict]:
+        """(uint8 mask at the image's size, {"keys", "rw"}: the walked maps and their classes)."""
         cfg = self.cfg
         height, width = image.shape[:2]
         if len(cams["keys"]) == 0:  # no class in the image: nothing to walk
-            return np.zeros((height, width), np.uint8)
+            return np.zeros((height, width), np.uint8), {"keys": cams["keys"], "rw": cams["cam"]}
         tensor = image_to_tensor(image)
         if cfg.input_long_side and max(height, width) != cfg.input_long_side:
             scale = cfg.input_long_side / max(height, width)
@@ -92,7 +96,8 @@ class PseudoMaskMaker:
             refined = crf_inference(image, labels, len(class_of_label), t=cfg.crf_iterations,
                                     gt_prob=cfg.crf_gt_prob)
             mask = class_of_label[refined]
-        return mask
+        rw_keys = np.concatenate([[0], keys]) if walk_background else keys
+        return mask, {"keys": rw_keys.astype(np.int64), "rw": walked.numpy()}
 
 
 def run(cfg, ids: list[str] | None = None) -> dict:
@@ -115,7 +120,10 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
 
     def make(image_id: str) -> None:
-        mask = maker(source.load_image(image_id), load_cams(cam_dir / f"{image_id}.npz"))
+        mask, walked = maker(source.load_image(image_id), load_cams(cam_dir / f"{image_id}.npz"))
+        if cfg.pseudo.save_rw:  # before the mask: a mask on disk means the image is done
+            atomic_write(out_dir / f"{image_id}.npz", lambda tmp: np.savez_compressed(
+                tmp, keys=walked["keys"], rw=walked["rw"].astype(np.float16)))
         save_png(out_dir / f"{image_id}.png", mask)
 
     with torch.no_grad():
