@@ -40,6 +40,9 @@ def test_every_step_folder_is_filled(tiny_run):
     for folder, pattern in STEP_FOLDERS.items():
         assert list((work_dir / folder).glob(pattern)), f"{folder} has no {pattern}"
         assert (work_dir / folder / "config.yaml").is_file(), f"{folder} has no resolved config"
+    for folder in ("1_classifier", "4_irn", "6_segmentation"):  # resumable, with a log
+        for name in ("best.pt", "last.pt", "metrics.csv"):
+            assert (work_dir / folder / name).is_file(), f"{folder} has no {name}"
     assert len(list((work_dir / "2_cams").glob("*.npz"))) == 6
     with np.load(next((work_dir / "2_cams").glob("*.npz")), allow_pickle=False) as cams:
         assert cams["cam"].dtype == np.float16 and cams["high_res"].shape[1:] == (48, 64)
