@@ -218,9 +218,12 @@ def test_step1_ranks_hold_the_same_weights_after_one_step(tmp_path):
     torch.testing.assert_close(ranks[0]["after"], ranks[1]["after"], rtol=0, atol=0)
     assert not torch.equal(ranks[1]["after"], ranks[1]["before"])  # it did learn
     # What rank 0 saved is what rank 1 holds.
-    saved = torch.load(tmp_path / "ddp" / "1_classifier" / "last.pt", weights_only=True)["model"]
-    torch.testing.assert_close(torch.cat([saved[name].flatten() for name in ranks[1]["names"]]),
+    last = torch.load(tmp_path / "ddp" / "1_classifier" / "last.pt", weights_only=True)
+    torch.testing.assert_close(torch.cat([last["model"][name].flatten() for name in ranks[1]["names"]]),
                                ranks[1]["after"], rtol=0, atol=0)
+    # Each rank's own random stream is kept for resuming (ranks augment differently).
+    assert len(last["rng"]) == 2
+    assert not torch.equal(last["rng"][0]["torch"], last["rng"][1]["torch"])
 
 
 # ---- steps 1 and 2 under torchrun -----------------------------------------------------------

@@ -128,6 +128,15 @@ def broadcast_from_main(value: Any) -> Any:
     return box[0]
 
 
+def gather_from_ranks(value: Any) -> list:
+    """Every rank's ``value`` (picklable), in rank order; ``[value]`` in one process."""
+    if not is_initialized():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier() -> None:
     """Wait for every rank, e.g. until rank 0's checkpoints are on disk."""
     if is_initialized():

@@ -29,7 +29,8 @@ from tqdm import tqdm
 from inference.common.step_io import atomic_write, clear_done
 
 from .config import ConfigError
-from .distributed import barrier, broadcast_from_main, is_main, mean_over_ranks
+from .distributed import (barrier, broadcast_from_main, gather_from_ranks, is_main,
+                          mean_over_ranks, rank, world_size)
 
 # The ``train`` section every training step shares (plus the top-level ``resume`` key).
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -258,13 +259,14 @@ class Trainer:
         self.last_metrics: dict = {}
 
     # ---- checkpoints -------------------------------------------------------------------
-    def _save(self, name: str, full: bool) -> None:
+    def _save(self, name: str, full: bool, rng_states: list | None = None) -> None:
+        """``rng_states``: every rank's RNG state (``gather_from_ranks``), for last.pt."""
         state = {"model": unwrap(self.model).state_dict(), "epoch": self.epoch,
                  "metrics": self.last_metrics, **self.fields}
         if full:
             state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                          scheduler={"iteration": self.iteration}, best_score=self.best_score,
-                         best_epoch=self.best_epoch, rng=_rng_state())
+                         best_epoch=self.best_epoch, rng=rng_states)
         atomic_write(self.out_dir / name, lambda tmp: torch.save(state, tmp))
 
     def _restore(self) -> None:
@@ -282,7 +284,12 @@ class Trainer:
         self.epoch, self.iteration = state["epoch"], state["scheduler"]["iteration"]
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.last_metrics = state["metrics"]
-        _set_rng_state(state["rng"])
+        # One state per rank: each rank continues its own augmentation stream.
+        states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if len(states) != world_size():
+            self._note(f"resume: {last} was written by {len(states)} process(es), not "
+                       f"{world_size()}: rank r continues the random stream of rank r % {len(states)}")
+        _set_rng_state(states[rank() % len(states)])
         self._note(f"resume: continuing after epoch {self.epoch} of {last}")
 
     def _clear_previous_run(self) -> None:
@@ -318,10 +325,11 @@ class Trainer:
                     row.update(flatten_metrics(metrics, "val/"))
                 improved = self._update_best(metrics)
                 row["seconds"] = time.time() - started
+                rng_states = gather_from_ranks(_rng_state())  # a collective: every rank calls it
                 if self.is_main:
                     if improved:
                         self._save("best.pt", full=False)
-                    self._save("last.pt", full=True)
+                    self._save("last.pt", full=True, rng_states=rng_states)
                     log.epoch(row, self.iteration)
                     self._note(self._summary_line(row))
         finally:
