@@ -42,7 +42,9 @@ _SIZE_RANGE = (0.3, 0.62)  # object extent as a share of the image's short side
 _MIN_VISIBLE = 0.55  # an occluded object keeps at least this share of its own area
 _PLACEMENT_TRIES = 20
 _MIN_CONTRAST = 70.0  # RGB distance between an object's mean colour and what it covers
-_CACHE_SIZE = 8  # renders kept, so load_image + load_mask + labels render once
+# Renders kept per process (a DataLoader worker has its own): up to this many bytes, so
+# the default toy splits render once per worker, not once per epoch (4-5 ms an image).
+_CACHE_BYTES = 128 * 2**20
 
 _SHIFT = 4  # cv2 fixed-point bits: sub-pixel shape geometry
 _ONE = 1 << _SHIFT
@@ -276,6 +278,7 @@ class ToySource(ImageSource):
         self._index = {image_id: i for i, image_id in enumerate(self.ids)}
         self._renderer = _SceneRenderer(self.image_size)
         self._renders: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache_size = max(8, _CACHE_BYTES // (height * width * 4))  # RGB + mask
         self._true_labels: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -306,7 +309,7 @@ class ToySource(ImageSource):
         image.setflags(write=False)
         mask.setflags(write=False)
         self._renders[index] = (image, mask)
-        if len(self._renders) > _CACHE_SIZE:
+        if len(self._renders) > self._cache_size:
             self._renders.popitem(last=False)
         self._true_labels[index] = labels_from_mask(mask, self.num_classes)
         return image, mask
