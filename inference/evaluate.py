@@ -38,13 +38,17 @@ def main(argv=None) -> int:
             return 2
     names = None
     if args.class_names:
+        if not Path(args.class_names).is_file():
+            print(f"error: --class-names: file does not exist: {args.class_names}", file=sys.stderr)
+            return 2
         names = [l.strip() for l in Path(args.class_names).read_text().splitlines() if l.strip()]
     load_gt = png_folder_loader(gt_dir)
-    if any(pred_dir.glob("*.npz")):
-        result = evaluate_cam_folder(pred_dir, load_gt, args.num_classes, class_names=names)
-    elif any(pred_dir.glob("*.png")):
+    # Masks first: step 5 may keep its walked maps (.npz) beside its masks.
+    if any(pred_dir.glob("*.png")):
         result = evaluate_label_folder(pred_dir, load_gt, args.num_classes,
                                        unsure_label=args.unsure, class_names=names)
+    elif any(pred_dir.glob("*.npz")):
+        result = evaluate_cam_folder(pred_dir, load_gt, args.num_classes, class_names=names)
     else:
         print(f"error: --pred: no .png or .npz files in {pred_dir}", file=sys.stderr)
         return 2

@@ -85,3 +85,22 @@ def test_evaluate_cli(tmp_path):
                               "--num-classes", "2"], capture_output=True, text=True)
     assert missing.returncode == 2
     assert len(missing.stderr.strip().splitlines()) == 1 and "nope" in missing.stderr
+
+
+def test_evaluate_cli_scores_masks_beside_walked_maps_and_names_classes(tmp_path, capsys):
+    """A step-5 folder with ``pseudo.save_rw`` holds masks and .npz walks: the masks are scored."""
+    from inference import evaluate
+
+    save_png(tmp_path / "pred" / "a.png", np.array([[0, 1]], np.uint8))
+    np.savez(tmp_path / "pred" / "a.npz", keys=np.array([0, 1]), rw=np.zeros((2, 1, 1)))
+    save_png(tmp_path / "gt" / "a.png", np.array([[0, 1]], np.uint8))
+    (tmp_path / "classes.txt").write_text("background\ncar\n")
+    out = tmp_path / "r.json"
+    assert evaluate.main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                          "--num-classes", "2", "--class-names", str(tmp_path / "classes.txt"),
+                          "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["miou"] == pytest.approx(100.0)
+    assert "car" in capsys.readouterr().out
+    assert evaluate.main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
+                          "--num-classes", "2", "--class-names", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt" in capsys.readouterr().err
