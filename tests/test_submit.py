@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -219,3 +220,16 @@ def test_bad_checkpoint_metadata_is_a_clear_error(submit, network, tmp_path, cha
     torch.save(checkpoint, path)
     with pytest.raises(submit.model.CheckpointError, match=message):
         submit.model.load_checkpoint(path)
+
+
+def test_key_value_overrides_win_over_the_config_and_are_checked(submit, tmp_path):
+    args = submit.gp.parse_args(["out", "data", "scales=[1.0, 1.5]", "flip=false",
+                                 "input_long_side=64", "weights=w.pt"])
+    cfg, weights = submit.gp.read_settings(args)
+    assert cfg["scales"] == [1.0, 1.5] and cfg["flip"] is False and cfg["input_long_side"] == 64
+    assert weights == Path("w.pt")  # relative to the current folder, as typed
+    for bad, message in (("flip=maybe", "flip must be true or false"),
+                         ("scale=[1.0]", "override 'scale=[1.0]'"),
+                         ("input_long_side=-3", "input_long_side must be")):
+        with pytest.raises(submit.gp.UsageError, match=re.escape(message)):
+            submit.gp.read_settings(submit.gp.parse_args(["out", "data", bad]))

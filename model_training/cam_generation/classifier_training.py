@@ -26,9 +26,9 @@ from model_training.common.config import (COMMON_DEFAULTS, Config, ConfigError, 
                                           save_config)
 from model_training.common.datasets import (ImageLoadError, ImageSource, build_source,
                                             labels_to_vector)
-from model_training.common.models import CamClassifier, backbone_exists, build_cam_classifier
+from model_training.common.models import (CamClassifier, build_cam_classifier,
+                                          check_backbone_keys, weights_error_names)
 from model_training.common.datasets.voc import read_id_list
-from model_training.common.models.weights import WeightsError
 from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume,
                                            seed_everything, seed_worker)
 from model_training.common.transforms import build_transform
@@ -329,14 +329,7 @@ def _loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=None,
 
 
 def _check_config(cfg: Config) -> None:
-    if not backbone_exists(cfg.model.backbone):
-        raise ConfigError(f"key 'model.backbone': unknown backbone {cfg.model.backbone!r} "
-                          f"(resnet50, vgg16 or a timm model name)")
-    if cfg.model.output_stride not in (8, 16, 32):
-        raise ConfigError(f"key 'model.output_stride' must be 8, 16 or 32, got {cfg.model.output_stride}")
-    if cfg.model.weights not in ("imagenet", "none") and not Path(cfg.model.weights).is_file():
-        raise ConfigError(f"key 'model.weights': 'imagenet', 'none' or a file; not found: "
-                          f"{cfg.model.weights}")
+    check_backbone_keys("model", cfg.model.backbone, cfg.model.weights, cfg.model.output_stride)
     for key in ("resize_long", "scale_range"):
         if cfg.data[key] and len(cfg.data[key]) != 2:
             raise ConfigError(f"key 'data.{key}' must be [low, high]")
@@ -387,11 +380,9 @@ def train_classifier(cfg: Config) -> dict:
             scores, targets = predict_scores(model, val_loader, device)
             return classification_metrics(scores, targets, names, cfg.val.threshold)
 
-    try:
+    with weights_error_names("model.weights"):
         model = build_cam_classifier(cfg.model.backbone, cfg.model.weights, cfg.model.output_stride,
                                      class_ids, freeze_bn=cfg.model.freeze_bn).to(device)
-    except WeightsError as err:
-        raise ConfigError(f"key 'model.weights': {err}") from None
     pos_weight = (positive_weights(train_set.targets, cfg.loss.max_pos_weight).to(device)
                   if cfg.loss.pos_weight else None)
 

@@ -20,9 +20,9 @@ from model_training.common import distributed
 from model_training.common.config import COMMON_DEFAULTS, ConfigError, merge_defaults, save_config
 from model_training.common.datasets import build_source
 from model_training.common.irn_labels import affinity_targets, irn_losses, label_to_stride
-from model_training.common.models import backbone_exists, build_multilevel_backbone
+from model_training.common.models import (build_multilevel_backbone, check_backbone_keys,
+                                          weights_error_names)
 from model_training.common.models.irnet import IRNet
-from model_training.common.models.weights import WeightsError
 from model_training.common.trainer import TRAIN_DEFAULTS, Trainer, check_resume, seed_everything, seed_worker
 from model_training.common.transforms import build_transform
 
@@ -81,12 +81,7 @@ def load_irnet(path, device) -> IRNet:
 
 
 def _check(cfg) -> None:
-    if not backbone_exists(cfg.irn.backbone):
-        raise ConfigError(f"key 'irn.backbone': unknown backbone {cfg.irn.backbone!r}")
-    if cfg.irn.output_stride not in (8, 16, 32):
-        raise ConfigError(f"key 'irn.output_stride' must be 8, 16 or 32, got {cfg.irn.output_stride}")
-    if cfg.irn.weights not in ("imagenet", "none") and not Path(cfg.irn.weights).is_file():
-        raise ConfigError(f"key 'irn.weights': 'imagenet', 'none' or a file; not found: {cfg.irn.weights}")
+    check_backbone_keys("irn", cfg.irn.backbone, cfg.irn.weights, cfg.irn.output_stride)
     if not cfg.data.crop_size:
         raise ConfigError("key 'data.crop_size' must be set: IRNet trains on square crops")
 
@@ -115,10 +110,8 @@ def run(cfg) -> dict:
                         num_workers=cfg.num_workers, worker_init_fn=seed_worker,
                         drop_last=len(sampler) > cfg.train.batch_size,
                         persistent_workers=cfg.num_workers > 0)
-    try:
+    with weights_error_names("irn.weights"):
         model = build_irnet(cfg.irn).to(device)
-    except WeightsError as err:
-        raise ConfigError(f"key 'irn.weights': {err}") from None
     path_index = PathIndex(cfg.irn.radius)
 
     def step_fn(net, batch) -> dict:

@@ -30,8 +30,8 @@ from inference.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_do
 from model_training.common import distributed
 from model_training.common.config import ConfigError, merge_defaults, save_config
 from model_training.common.datasets import ImageLoadError, ImageSource, build_source
-from model_training.common.models.weights import (LITE_HEAD_PREFIXES, WeightsError,
-                                                  efficientnet_lite_state_dict,
+from model_training.common.models import weights_error_names
+from model_training.common.models.weights import (LITE_HEAD_PREFIXES, efficientnet_lite_state_dict,
                                                   is_efficientnet_lite, load_matching,
                                                   read_state_dict, rename_efficientnet_lite_keys)
 from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume,
@@ -122,14 +122,12 @@ def build_model(model_config: Mapping[str, Any], encoder_weights: str = "none") 
         raise ConfigError(f"key 'model.encoder_weights': cannot download ImageNet weights for "
                           f"{encoder_name} ({_first_line(err)}); use a state-dict file or "
                           f"'none'") from None
-    try:
+    with weights_error_names("model.encoder_weights"):
         if offline_lite:
             load_matching(model.encoder.model, efficientnet_lite_state_dict(
                 _lite_name(encoder_name), with_head=False), source=f"{encoder_name} ImageNet weights")
         elif encoder_weights not in ("imagenet", "none"):
             load_encoder_file(model, encoder_name, encoder_weights)
-    except WeightsError as err:
-        raise ConfigError(f"key 'model.encoder_weights': {err}") from None
     return model
 
 

@@ -1,10 +1,11 @@
 """Backbones, offline weights and the CAM classifier shared by the training steps."""
-from .backbones import backbone_exists, build_backbone, build_multilevel_backbone
+from .backbones import (backbone_exists, build_backbone, build_multilevel_backbone,
+                        check_backbone_keys, weights_error_names)
 from .classifier import CamClassifier, build_cam_classifier, load_cam_classifier
 from .weights import WeightsError, efficientnet_lite_state_dict
 
 __all__ = [
     "CamClassifier", "WeightsError", "backbone_exists", "build_backbone",
-    "build_cam_classifier", "build_multilevel_backbone", "efficientnet_lite_state_dict",
-    "load_cam_classifier",
+    "build_cam_classifier", "build_multilevel_backbone", "check_backbone_keys",
+    "efficientnet_lite_state_dict", "load_cam_classifier", "weights_error_names",
 ]

@@ -8,12 +8,14 @@ CAM resolution decides much of the result, so every backbone takes an output str
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from torch import nn
 import torchvision
 
+from ..config import ConfigError
 from .weights import (WeightsError, efficientnet_lite_state_dict,
                       is_efficientnet_lite, load_matching, read_state_dict,
                       rename_efficientnet_lite_keys)
@@ -27,6 +29,28 @@ def backbone_exists(name: str) -> bool:
     import timm
 
     return name in TORCHVISION_BACKBONES or timm.is_model(name)
+
+
+def check_backbone_keys(section: str, backbone: str, weights: str, output_stride: int) -> None:
+    """A config section's backbone, weights and output stride, checked before any work:
+    a ConfigError naming ``<section>.<key>``."""
+    if not backbone_exists(backbone):
+        raise ConfigError(f"key '{section}.backbone': unknown backbone {backbone!r} "
+                          f"(resnet50, vgg16 or a timm model name)")
+    if output_stride not in OUTPUT_STRIDES:
+        raise ConfigError(f"key '{section}.output_stride' must be 8, 16 or 32, got {output_stride}")
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise ConfigError(f"key '{section}.weights': 'imagenet', 'none' or a file; not found: {weights}")
+
+
+@contextmanager
+def weights_error_names(key: str):
+    """Weights that exist but do not fit (found only when loading) become a ConfigError
+    naming ``key``: one line for the user, not a traceback."""
+    try:
+        yield
+    except WeightsError as err:
+        raise ConfigError(f"key '{key}': {err}") from None
 
 
 def _check_output_stride(output_stride: int) -> None:
