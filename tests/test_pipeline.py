@@ -113,3 +113,55 @@ def test_step7_script_predicts_the_configured_split(tiny_run, tmp_path, split_ov
     masks = sorted((tmp_path / "7_predictions").glob("*.png"))
     assert [p.stem for p in masks] == [f"{split}_{i:05d}" for i in range(count)]
     assert all(np.asarray(Image.open(p)).shape == (48, 64) for p in masks)
+
+
+def test_report_has_per_class_iou_of_every_stage(tiny_run):
+    _, report, first, _ = tiny_run
+    names = ["background", "person", "disc", "square", "triangle", "cross", "ring"]
+    for stage in report["stages"].values():
+        assert list(stage["per_class_iou"]) == names
+        scored = [v for v in stage["per_class_iou"].values() if v is not None]
+        assert stage["miou"] == pytest.approx(sum(scored) / len(scored), abs=1e-3)
+    table = first.stdout[first.stdout.index("class IoU"):].splitlines()
+    assert table[0].split() == ["class", "IoU", "CAM", "IR", "pseudo", "seg"]
+    person = table[2 + names.index("person")].split()
+    for value, stage in zip(person[1:], ("cam", "ir_label", "pseudo_mask", "segmentation")):
+        iou = report["stages"][stage]["per_class_iou"]["person"]
+        assert value == ("-" if iou is None else f"{iou:.2f}")
+
+
+def test_gt_bound_report_gives_the_ratio():
+    from inference.common.report import format_report
+
+    per_class = {"background": 90.0, "car": 30.0}
+    report = {"classifier": {"val_map": None}, "seconds": {"7_predictions": 1.0, "gt_bound": 2.0},
+              "stages": {"segmentation": {"miou": 60.0, "split": "val", "of_gt_bound": 0.75,
+                                          "per_class_iou": per_class},
+                         "gt_bound": {"miou": 80.0, "split": "val",
+                                      "per_class_iou": {"background": 95.0, "car": 65.0}}}}
+    text = format_report(report)
+    assert "75 % of gt bound" in text
+    assert [l.split() for l in text.splitlines() if l.startswith("car")] == [["car", "30.00", "65.00"]]
+    assert any(l.startswith("gt_bound") and "80.00" in l and l.endswith("2.0")
+               for l in text.splitlines())
+
+
+def test_gt_bound_trains_steps_6_and_7_on_ground_truth_only(tiny_run):
+    """Last in this file: it adds gt_bound/ to the shared run."""
+    work_dir = tiny_run[0]
+    proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / "toy"),
+                           f"work_dir={work_dir}", *TINY, "--gt-bound"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished earlier: skipped") == 7
+    assert "[gt_bound/6_segmentation] running" in proc.stdout
+    assert "[gt_bound/7_predictions] running" in proc.stdout
+    bound = work_dir / "gt_bound"
+    steps = sorted(p.name for p in bound.iterdir() if p.is_dir() and p.name[0].isdigit())
+    assert steps == ["6_segmentation", "7_predictions"]
+    assert "mask_source: gt" in (bound / "6_segmentation" / "config.yaml").read_text()
+    report = json.loads((work_dir / "report.json").read_text())
+    stages = report["stages"]
+    assert stages["segmentation"]["of_gt_bound"] == pytest.approx(
+        stages["segmentation"]["miou"] / stages["gt_bound"]["miou"], abs=1e-4)
+    assert report["seconds"]["gt_bound"] > 0

@@ -12,38 +12,70 @@ from .step_io import STEP_DIRS, atomic_write, read_done
 # The stage each step's output is scored as (steps 4 and 6 train models: time only).
 STAGE_OF_STEP = {STEP_DIRS[2]: "cam", STEP_DIRS[3]: "ir_label", STEP_DIRS[5]: "pseudo_mask",
                  STEP_DIRS[7]: "segmentation"}
+# Where ``run_pipeline.py --gt-bound`` trains and predicts the same step-6 config on the
+# ground-truth masks: the fully supervised bound the segmentation stage is judged against.
+GT_BOUND_DIR = "gt_bound"
+# Columns of the per-class table: the stages, then the bound.
+STAGE_TITLES = {"cam": "CAM", "ir_label": "IR", "pseudo_mask": "pseudo", "segmentation": "seg",
+                "gt_bound": "gt bound"}
+
+
+def _stage(result: dict, **extra) -> dict:
+    return {"miou": result["miou"], **extra, "per_class_iou": result["per_class_iou"]}
 
 
 def score_stages(cfg, train_split: str, val_split: str) -> dict:
-    """mIoU of each stage that has ground truth: CAM/IR/pseudo on train, predictions on val."""
+    """mIoU and per-class IoU of each stage that has ground truth: CAM/IR/pseudo on train,
+    predictions on val, and the ground-truth bound when its predictions exist."""
     work_dir = Path(cfg.work_dir)
     train = build_source(cfg.dataset, train_split)
     stages: dict = {}
     if train.has_masks:
-        n = train.num_classes
-        cams = evaluate_cam_folder(work_dir / STEP_DIRS[2], train.load_mask, n, train.ids)
-        stages["cam"] = {"miou": cams["miou"], "threshold": cams["threshold"]}
+        n, names = train.num_classes, train.class_names
+        cams = evaluate_cam_folder(work_dir / STEP_DIRS[2], train.load_mask, n, train.ids,
+                                   class_names=names)
+        stages["cam"] = _stage(cams, threshold=cams["threshold"])
         ir = evaluate_label_folder(work_dir / STEP_DIRS[3], train.load_mask, n, train.ids,
-                                   unsure_label=255)
-        stages["ir_label"] = {"miou": ir["miou"], "coverage": ir["coverage"]}
-        pseudo = evaluate_label_folder(work_dir / STEP_DIRS[5], train.load_mask, n, train.ids)
-        stages["pseudo_mask"] = {"miou": pseudo["miou"]}
+                                   unsure_label=255, class_names=names)
+        stages["ir_label"] = _stage(ir, coverage=ir["coverage"])
+        pseudo = evaluate_label_folder(work_dir / STEP_DIRS[5], train.load_mask, n, train.ids,
+                                       class_names=names)
+        stages["pseudo_mask"] = _stage(pseudo)
     val = build_source(cfg.dataset, val_split)
     if val.has_masks:
-        seg = evaluate_label_folder(work_dir / STEP_DIRS[7], val.load_mask, val.num_classes, val.ids)
-        stages["segmentation"] = {"miou": seg["miou"], "split": val_split}
+        for key, folder in (("segmentation", work_dir), ("gt_bound", work_dir / GT_BOUND_DIR)):
+            if key == "gt_bound" and not (folder / STEP_DIRS[7]).is_dir():
+                continue
+            seg = evaluate_label_folder(folder / STEP_DIRS[7], val.load_mask, val.num_classes,
+                                        val.ids, class_names=val.class_names)
+            stages[key] = _stage(seg, split=val_split)
+    if "segmentation" in stages and "gt_bound" in stages and stages["gt_bound"]["miou"]:
+        ratio = stages["segmentation"]["miou"] / stages["gt_bound"]["miou"]
+        stages["segmentation"]["of_gt_bound"] = round(ratio, 4)
     return stages
+
+
+def auto_thresholds(work_dir) -> dict:
+    """The values steps 3 and 5 derived for their ``auto`` keys (from their done.json)."""
+    derived: dict = {}
+    for step in (3, 5):
+        derived.update((read_done(Path(work_dir) / STEP_DIRS[step]) or {}).get("auto", {}))
+    return derived
 
 
 def build_report(cfg, stages: dict, seconds: dict) -> dict:
     classifier = read_done(Path(cfg.work_dir) / STEP_DIRS[1]) or {}
-    return {
+    report = {
         "dataset": cfg.dataset.name if cfg.dataset.name != "voc" else Path(cfg.dataset.root).name,
         "num_classes": build_source(cfg.dataset, cfg.dataset.val_split).num_classes,
         "classifier": {"val_map": classifier.get("val_map")},
         "stages": stages,
         "seconds": seconds,
     }
+    derived = auto_thresholds(cfg.work_dir)
+    if derived:
+        report["auto_thresholds"] = derived
+    return report
 
 
 def write_report(report: dict, work_dir) -> Path:
@@ -59,26 +91,54 @@ def _stage_cell(key: str, stage: dict) -> str:
         return f"IR labels (train, confident; coverage {stage['coverage']:.1f} %)"
     if key == "pseudo_mask":
         return "pseudo masks (train)"
-    return f"segmentation ({stage.get('split', 'val')})"
+    if key == "gt_bound":
+        return f"same step 6 on ground truth ({stage.get('split', 'val')})"
+    ratio = stage.get("of_gt_bound")
+    bound = f"; {100 * ratio:.0f} % of gt bound" if ratio is not None else ""
+    return f"segmentation ({stage.get('split', 'val')}{bound})"
+
+
+def _table(header: tuple, rows: list[tuple], left: int) -> list[str]:
+    """Columns padded to their widest cell: the first ``left`` to the left, the rest right."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(f"{c:<{w}}" if i < left else f"{c:>{w}}"
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+    return [line(header), "-" * (sum(widths) + 2 * (len(widths) - 1)), *map(line, rows)]
+
+
+def _number(value) -> str:
+    return f"{value:.2f}" if value is not None else "-"
 
 
 def format_report(report: dict) -> str:
-    """The table the runner prints: one row per step, its stage's mIoU and its seconds."""
+    """The tables the runner prints: one row per step with its stage's mIoU and seconds, then
+    each class's IoU at every scored stage (where the mIoU is lost)."""
     rows = []
     for name, seconds in report["seconds"].items():
         title, score = "", None
         if name == STEP_DIRS[1] and report["classifier"].get("val_map") is not None:
             title, score = "classifier (val mAP x100)", 100 * report["classifier"]["val_map"]
-        key = STAGE_OF_STEP.get(name)
+        key = STAGE_OF_STEP.get(name) or ("gt_bound" if name == GT_BOUND_DIR else None)
         stage = report["stages"].get(key) if key else None
         if stage and stage.get("miou") is not None:
             title, score = _stage_cell(key, stage), stage["miou"]
-        rows.append((name, title, f"{score:.2f}" if score is not None else "-", f"{seconds:.1f}"))
+        rows.append((name, title, _number(score), f"{seconds:.1f}"))
     rows.append(("total", "", "", f"{sum(report['seconds'].values()):.1f}"))
-    header = ("step", "stage", "mIoU", "seconds")
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(4)]
-    lines = [f"{header[0]:<{widths[0]}}  {header[1]:<{widths[1]}}  {header[2]:>{widths[2]}}  "
-             f"{header[3]:>{widths[3]}}", "-" * (sum(widths) + 6)]
-    lines += [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d:>{widths[3]}}"
-              for a, b, c, d in rows]
+    lines = _table(("step", "stage", "mIoU", "seconds"), rows, left=2)
+    scored = [k for k in STAGE_TITLES if report["stages"].get(k, {}).get("per_class_iou")]
+    if scored:
+        names = list(report["stages"][scored[0]]["per_class_iou"])
+        per_class = [(name, *(_number(report["stages"][k]["per_class_iou"].get(name))
+                              for k in scored)) for name in names]
+        per_class.append(("mIoU", *(_number(report["stages"][k]["miou"]) for k in scored)))
+        lines += ["", *_table(("class IoU", *(STAGE_TITLES[k] for k in scored)), per_class, 1)]
+    derived = dict(report.get("auto_thresholds", {}))
+    if derived:
+        threshold, images = derived.pop("cam_threshold"), derived.pop("images")
+        source = f"best CAM threshold {threshold:.2f} on {images} images" if images else \
+            "no masks: IRNet's values"
+        lines += ["", "auto: " + ", ".join(f"{k}={v:g}" for k, v in derived.items())
+                  + f" ({source})"]
     return "\n".join(lines)
