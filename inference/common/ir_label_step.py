@@ -4,9 +4,10 @@ from __future__ import annotations
 import functools
 import time
 
-from model_training.common.config import save_config
+from model_training.common.config import AutoFloat, save_config
 from model_training.common.datasets import build_source
 
+from .auto_thresholds import resolve_auto
 from .ir_labels import process_image, run_pool
 from .step_io import (clear_done, ids_with_inputs, mark_done, pending_ids, shard_ids,
                       step_dir)
@@ -14,8 +15,10 @@ from .step_io import (clear_done, ids_with_inputs, mark_done, pending_ids, shard
 DEFAULTS = {
     "crf": {
         "split": "train",
-        "conf_fg_thres": 0.30,
-        "conf_bg_thres": 0.05,
+        # CAM scores above which a pixel is confident foreground / still background; auto:
+        # from the CAMs' best background threshold (inference/common/auto_thresholds.py)
+        "conf_fg_thres": AutoFloat(0.30),
+        "conf_bg_thres": AutoFloat(0.05),
         "iterations": 10,
         "gt_prob": 0.7,
         "gaussian_sxy": 3,
@@ -45,6 +48,7 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 3)
     ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
     with_cams = ids_with_inputs(ids, cam_dir, ".npz", producer=2)
+    derived = resolve_auto(cfg, "crf", ("conf_fg_thres", "conf_bg_thres"), cfg.crf.split)
     save_config(cfg, out_dir)
     clear_done(out_dir, cfg.shard)
     todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
@@ -57,5 +61,7 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     summary = {"written": done, "failed": failed, "skipped_existing": len(with_cams) - len(todo),
                "without_cams": len(ids) - len(with_cams),
                "seconds": round(time.time() - start, 2)}
+    if derived:
+        summary["auto"] = derived
     mark_done(out_dir, summary, cfg.shard)
     return summary

@@ -16,11 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from model_training.cam_generation.irn_training import load_irnet
-from model_training.common.config import ConfigError, resolve_device, save_config
+from model_training.common.config import AutoFloat, ConfigError, resolve_device, save_config
 from model_training.common.datasets import build_source
 from model_training.common.models.irnet import predict_boundary
 from model_training.common.transforms import image_to_tensor
 
+from .auto_thresholds import resolve_auto
 from .crf import crf_inference
 from .random_walk import background_seed, pseudo_mask_from_rw, random_walk
 from .step_io import (atomic_write, clear_done, ids_with_inputs, load_cams, mark_done,
@@ -36,9 +37,10 @@ DEFAULTS = {
         # threshold: IRNet's constant background score bg_thres against the walked CAMs
         # divided by their global max. walk: AffinityNet's background (1 - max CAM)^bg_power
         # is walked with the classes, each map divided by its own max, argmax.
+        # auto: both from the CAMs' best background threshold (auto_thresholds.py)
         "background": "threshold",
-        "bg_thres": 0.25,  # sem_seg_bg_thres
-        "bg_power": 1.0,
+        "bg_thres": AutoFloat(0.25),  # sem_seg_bg_thres
+        "bg_power": AutoFloat(1.0),
         "flip": True,  # boundary-map test-time flip
         "input_long_side": None,  # upscale small images before IRNet (finer boundaries)
         "crf": False,  # refine the final masks with a dense CRF (the default kernels)
@@ -114,6 +116,7 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 5)
     ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
     with_cams = ids_with_inputs(ids, cam_dir, ".npz", producer=2)
+    derived = resolve_auto(cfg, "pseudo", ("bg_thres", "bg_power"), cfg.pseudo.split)
     save_config(cfg, out_dir)
     clear_done(out_dir, cfg.shard)
     maker = PseudoMaskMaker(checkpoint, device, cfg.pseudo)
@@ -131,6 +134,8 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     summary = {"written": written, "failed": failed, "skipped_existing": len(with_cams) - len(todo),
                "without_cams": len(ids) - len(with_cams),
                "seconds": round(time.time() - start, 2)}
+    if derived:
+        summary["auto"] = derived
     mark_done(out_dir, summary, cfg.shard)
     print(f"5_pseudo_masks: {written} written, {len(failed)} failed -> {out_dir}", file=sys.stderr)
     return summary

@@ -47,7 +47,12 @@ COMMON_DEFAULTS: dict[str, Any] = {
 }
 
 
+class AutoFloat(float):
+    """A number default whose key also takes ``auto``: the step derives the value at run time
+    (e.g. step 3's CRF thresholds from the CAMs' best background threshold)."""
 
+
+AUTO = "auto"
 
 
 class ConfigError(Exception):
@@ -89,7 +94,7 @@ def _deep_update(target: dict, source: Mapping) -> None:
 def _to_config(value: Any) -> Any:
     if isinstance(value, Mapping):
         return Config({k: _to_config(v) for k, v in value.items()})
-    return value
+    return float(value) if isinstance(value, AutoFloat) else value
 
 
 def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
@@ -133,13 +138,16 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     """Accept ``value`` where ``default`` says what type the key holds; ints widen to floats."""
     if default is None or value is None:
         return value
+    if isinstance(default, AutoFloat) and value == AUTO:
+        return AUTO
     if isinstance(default, bool):
         if not isinstance(value, bool):
             raise ConfigError(f"key '{key}' must be true or false, got {value!r}")
         return value
     if isinstance(default, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"key '{key}' must be a number, got {value!r}")
+            also = " or auto" if isinstance(default, AutoFloat) else ""
+            raise ConfigError(f"key '{key}' must be a number{also}, got {value!r}")
         return float(value)
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
