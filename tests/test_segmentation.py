@@ -273,3 +273,60 @@ def test_model_settings_are_checked():
     assert "encoder_output_stride" not in config
     with pytest.raises(ConfigError, match="encoder_name"):
         build_model({**config, "encoder_name": "tu-no_such_net"})
+
+
+class _FixedLogits(nn.Module):
+    """A 'network' whose logits favour class 3 everywhere, then background, then the rest."""
+
+    def __init__(self, num_classes: int = 7):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+        with torch.no_grad():
+            self.bias[0], self.bias[3] = 1.0, 2.0
+
+    def forward(self, x):
+        return self.bias[None, :, None, None].expand(x.shape[0], -1, *x.shape[2:])
+
+
+def test_round_masks_keep_only_each_images_labels_and_leave_unsure_pixels_out(tmp_path):
+    cfg = tiny_config(tmp_path)
+    source = build_source(cfg.dataset, "train")
+    seg.predict_training_masks(_FixedLogits().eval(), source, tmp_path / "masks", None)
+    for image_id in source.ids:
+        mask = load_png(tmp_path / "masks" / f"{image_id}.png")
+        assert mask.shape == (48, 64)
+        expected = 3 if 3 in source.labels(image_id) else 0  # class 3 only where labelled
+        assert set(np.unique(mask)) == {expected}
+    probability = torch.tensor([1.0, 2.0]).softmax(0)[1].item()  # class 3 against background
+    seg.predict_training_masks(_FixedLogits().eval(), source, tmp_path / "strict", None,
+                               min_probability=probability + 0.01)
+    labelled = [i for i in source.ids if 3 in source.labels(i)]
+    assert labelled, "the toy split should show class 3 somewhere"
+    for image_id in labelled:
+        assert set(np.unique(load_png(tmp_path / "strict" / f"{image_id}.png"))) == {255}
+
+
+def test_two_rounds_train_the_second_on_the_first_ones_masks(tmp_path):
+    cfg = tiny_config(tmp_path, "self_training.rounds=2")
+    write_pseudo_masks(cfg)
+    result = train_segmentation(cfg)
+    out = tmp_path / "6_segmentation"
+    source = build_source(cfg.dataset, "train")
+    assert result["rounds"] == 2 and (out / "model.pt").is_file()
+    assert (out / "round1" / "best.pt").is_file() and (out / "round1" / "done.json").is_file()
+    masks = sorted(p.stem for p in (out / "round1" / "masks").glob("*.png"))
+    assert masks == sorted(source.ids)
+    for image_id in source.ids:  # restricted to the image's labels
+        present = set(np.unique(load_png(out / "round1" / "masks" / f"{image_id}.png")).tolist())
+        assert present <= {0, *source.labels(image_id)}
+    # a re-run with resume finds round 1 done and does not train it again
+    before = (out / "round1" / "best.pt").stat().st_mtime_ns
+    train_segmentation(tiny_config(tmp_path, "self_training.rounds=2", "resume=true"))
+    assert (out / "round1" / "best.pt").stat().st_mtime_ns == before
+
+
+def test_rounds_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="self_training.rounds"):
+        train_segmentation(tiny_config(tmp_path, "self_training.rounds=0"))
+    with pytest.raises(ConfigError, match="mask_source: pseudo"):
+        train_segmentation(tiny_config(tmp_path, "self_training.rounds=2", "mask_source=gt"))

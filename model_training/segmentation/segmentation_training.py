@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from inference.common.metrics import IGNORE_INDEX, ConfusionMatrix
-from inference.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done, report_failure,
+from inference.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done, pending_ids,
+                                      read_done, report_failure, run_over_images, save_png,
                                       step_dir)
 from model_training.common import distributed
 from model_training.common.config import ConfigError, merge_defaults, save_config
@@ -62,6 +63,12 @@ DEFAULTS: dict[str, Any] = merge_defaults(TRAIN_DEFAULTS, {
     },
     "loss": {
         "class_weights": None,  # null or one weight per class (background first)
+    },
+    "self_training": {
+        # 2+: train again, from the same initial weights, on the previous round's predictions
+        # of the training images restricted to each image's labels (no CAM involved)
+        "rounds": 1,
+        "min_probability": 0.0,  # those masks leave pixels below this top probability out
     },
     "val": {
         "max_images": 0,  # validate on the first N val images; 0 = all
@@ -349,19 +356,50 @@ def _check_crop(crop: int, stride: int) -> None:
         raise ConfigError(f"key 'data.crop_size' must be a multiple of the network stride {stride}, got {crop}")
 
 
-def train_segmentation(cfg: Mapping) -> dict:
-    """Train, validate and export; returns the best val mIoU (percent) and the file paths."""
-    started = time.time()
-    out_dir = step_dir(cfg["work_dir"], STEP)
-    check_resume(out_dir, cfg["resume"], cfg["overwrite"])
-    device = distributed.setup(cfg)
-    seed_everything(cfg["seed"] + distributed.rank())  # ranks augment differently
-    dataset_cfg = cfg["dataset"]
-    train_source = build_source(dataset_cfg, dataset_cfg["train_split"])
-    val_source = build_source(dataset_cfg, dataset_cfg["val_split"])
-    mask_dir = mask_dir_for(cfg)
+def _check_rounds(cfg: Mapping) -> None:
+    rounds = cfg["self_training"]["rounds"]
+    if rounds < 1:
+        raise ConfigError(f"key 'self_training.rounds' must be at least 1, got {rounds}")
+    if rounds > 1 and cfg["mask_source"] != "pseudo":
+        raise ConfigError("key 'self_training.rounds' above 1 needs mask_source: pseudo")
+    if not 0.0 <= cfg["self_training"]["min_probability"] < 1.0:
+        raise ConfigError("key 'self_training.min_probability' must lie in [0, 1)")
 
-    _check_settings(cfg, train_source.num_classes)
+
+@torch.inference_mode()
+def predict_training_masks(model: nn.Module, source: ImageSource, out_dir: Path,
+                           input_long_side: int | None, min_probability: float = 0.0,
+                           overwrite: bool = False, on_error: str = "skip") -> Path:
+    """The next round's masks: each training image's flip-averaged class probabilities, the
+    classes outside its image labels removed (background is always allowed), argmax; pixels
+    whose remaining top probability is below ``min_probability`` are 255 (not trained on).
+
+    ``model`` is expected in eval mode; images whose mask exists are kept (resume).
+    """
+    device = next(model.parameters()).device
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def predict(image_id: str) -> None:
+        tensor = image_to_tensor(source.load_image(image_id))[None].to(device)
+        views = torch.cat([tensor, tensor.flip(-1)])
+        logits = full_size_logits(model, views, input_long_side)
+        probs = (logits[:1].softmax(1) + logits[1:].flip(-1).softmax(1))[0] / 2
+        allowed = torch.zeros(len(probs), dtype=torch.bool, device=device)
+        allowed[[0, *source.labels(image_id)]] = True
+        probs = probs * allowed[:, None, None]
+        top, label = (probs / probs.sum(0, keepdim=True).clamp_min(1e-12)).max(0)
+        label[top < min_probability] = IGNORE_INDEX
+        save_png(out_dir / f"{image_id}.png", label.to(torch.uint8).cpu().numpy())
+
+    todo = pending_ids(source.ids, out_dir, ".png", overwrite)
+    run_over_images(todo, predict, "6 round masks", on_error)
+    return out_dir
+
+
+def _fit_round(cfg: Mapping, device: torch.device, out_dir: Path, mask_dir: Path | None,
+               train_source: ImageSource, val_source: ImageSource, resume: bool) -> tuple[dict, dict]:
+    """Train one network on ``mask_dir`` (None: ground truth) into ``out_dir``; returns the
+    Trainer's result and the checkpoint metadata."""
     model_config = model_config_from(cfg["model"], train_source.num_classes)
     model = build_model(model_config, cfg["model"]["encoder_weights"]).to(device)
     _check_crop(cfg["data"]["crop_size"], network_stride(model))
@@ -390,7 +428,7 @@ def train_segmentation(cfg: Mapping) -> dict:
         def validate_fn(net: nn.Module) -> dict:
             return evaluate(net, val_source, val_ids, data["input_long_side"], cfg["on_error"])
     else:
-        print(f"warning: split '{dataset_cfg['val_split']}' has no masks: no validation, "
+        print(f"warning: split '{cfg['dataset']['val_split']}' has no masks: no validation, "
               f"best.pt is the last epoch", file=sys.stderr)
 
     groups = param_groups(model, cfg["train"]["new_layer_lr_mult"])
@@ -398,20 +436,62 @@ def train_segmentation(cfg: Mapping) -> dict:
     fields = {**metadata, "mask_source": cfg["mask_source"], "config": _plain(cfg)}
     if distributed.is_main():
         save_config(cfg, out_dir)
-    print(f"step 6: {len(dataset)} training images ({cfg['mask_source']} masks), "
+    masks = "ground-truth" if mask_dir is None else str(mask_dir)
+    print(f"step 6: {len(dataset)} training images (masks: {masks}), "
           f"{model_config['arch']} / {model_config['encoder_name']}, device {device}", file=sys.stderr)
     trainer = Trainer(distributed.wrap_model(model, device, cfg["train"]["sync_bn"]), groups,
                       loader, out_dir, cfg["train"], device, step_fn=step_fn,
                       validate_fn=validate_fn, best_metric="miou" if validate_fn else None,
-                      checkpoint_fields=fields, resume=cfg["resume"])
-    result = trainer.fit()
+                      checkpoint_fields=fields, resume=resume)
+    return trainer.fit(), metadata
 
+
+def train_segmentation(cfg: Mapping) -> dict:
+    """Train (``self_training.rounds`` times, each round on the previous one's label-restricted
+    predictions), validate and export the last round; returns its best val mIoU (percent) and
+    the file paths. Rounds before the last live in ``6_segmentation/round<r>/``."""
+    started = time.time()
+    out_dir = step_dir(cfg["work_dir"], STEP)
+    rounds = cfg["self_training"]["rounds"]
+    _check_rounds(cfg)
+    check_resume(out_dir, cfg["resume"], cfg["overwrite"])
+    device = distributed.setup(cfg)
+    seed_everything(cfg["seed"] + distributed.rank())  # ranks augment differently
+    dataset_cfg = cfg["dataset"]
+    train_source = build_source(dataset_cfg, dataset_cfg["train_split"])
+    val_source = build_source(dataset_cfg, dataset_cfg["val_split"])
+    mask_dir = mask_dir_for(cfg)
+    _check_settings(cfg, train_source.num_classes)
+
+    for round_index in range(1, rounds):
+        round_dir = out_dir / f"round{round_index}"
+        if read_done(round_dir) is None or cfg["overwrite"]:
+            resume = cfg["resume"] and (round_dir / "last.pt").is_file()
+            _fit_round(cfg, device, round_dir, mask_dir, train_source, val_source, resume)
+            if distributed.is_main():
+                mark_done(round_dir, {"round": round_index})
+        if distributed.is_main():
+            best = torch.load(round_dir / "best.pt", map_location="cpu", weights_only=True)
+            model = build_model(best["model_config"]).to(device)
+            model.load_state_dict(best["model"])
+            predict_training_masks(model.eval(), train_source, round_dir / "masks",
+                                   cfg["data"]["input_long_side"],
+                                   cfg["self_training"]["min_probability"], cfg["overwrite"],
+                                   cfg["on_error"])
+        distributed.barrier()
+        mask_dir = round_dir / "masks"
+        seed_everything(cfg["seed"] + distributed.rank())  # every round starts like the first
+
+    resume = cfg["resume"] and (out_dir / "last.pt").is_file()
+    result, metadata = _fit_round(cfg, device, out_dir, mask_dir, train_source, val_source,
+                                  resume)
+    validated = val_source.has_masks
     if distributed.is_main():
         best = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True)
         checkpoint = {"model": best["model"], **metadata, "epoch": best["epoch"]}
         export_for_submission(out_dir, checkpoint, cfg)
-    best_miou = result["best_score"] if validate_fn else None
-    summary = {"miou": best_miou, "best_epoch": result["best_epoch"], "epochs": result["epochs"],
+    summary = {"miou": result["best_score"] if validated else None,
+               "best_epoch": result["best_epoch"], "epochs": result["epochs"], "rounds": rounds,
                "split": dataset_cfg["val_split"], "model": str(out_dir / "model.pt"),
                "export_config": str(out_dir / "export_config.yaml"),
                "seconds": round(time.time() - started, 2)}
