@@ -147,10 +147,11 @@ def test_gt_bound_report_gives_the_ratio():
 
 
 def test_gt_bound_trains_steps_6_and_7_on_ground_truth_only(tiny_run):
-    """Last in this file: it adds gt_bound/ to the shared run."""
+    """Last in this file: it adds gt_bound/ to the shared run. The bound trains one round
+    even where the config self-trains (the finished steps are not redone)."""
     work_dir = tiny_run[0]
     proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / "toy"),
-                           f"work_dir={work_dir}", *TINY, "--gt-bound"],
+                           f"work_dir={work_dir}", *TINY, "self_training.rounds=2", "--gt-bound"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("finished earlier: skipped") == 7
