@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     print(format_table(result, f"{pred_dir} vs {gt_dir}"))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
-    print(json.dumps({k: v for k, v in result.items() if k not in ("sweep", "per_class_iou")}))
+    print(json.dumps({k: v for k, v in result.items()
+                      if k != "sweep" and not k.startswith("per_class")}))
     return 0
 
 

@@ -104,3 +104,24 @@ def test_evaluate_cli_scores_masks_beside_walked_maps_and_names_classes(tmp_path
     assert evaluate.main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
                           "--num-classes", "2", "--class-names", str(tmp_path / "none.txt")]) == 2
     assert "none.txt" in capsys.readouterr().err
+
+
+def test_precision_and_recall_per_class():
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, 255]])
+    pred = np.array([[0, 1, 1, 1], [0, 0, 0, 2]])
+    m = ConfusionMatrix(4)
+    m.update(pred, gt)
+    # class 0: predicted on 4 counted pixels, 3 right; 4 gt pixels, 3 found
+    # class 1: predicted 3, 2 right; 3 gt pixels, 2 found; classes 2, 3: neither
+    np.testing.assert_allclose(m.precision()[:2], [3 / 4, 2 / 3])
+    np.testing.assert_allclose(m.recall()[:2], [3 / 4, 2 / 3])
+    assert np.isnan(m.precision()[2:]).all() and np.isnan(m.recall()[2:]).all()
+    summary = m.summary(["bg", "a", "b", "c"])
+    assert summary["per_class_precision"]["a"] == pytest.approx(100 * 2 / 3, abs=1e-3)
+    assert summary["per_class_recall"]["c"] is None
+
+
+def test_pixels_labelled_out_of_range_lower_recall_not_precision():
+    m = ConfusionMatrix(3)
+    m.update(np.array([[1, 200]]), np.array([[1, 1]]))
+    assert m.precision()[1] == 1.0 and m.recall()[1] == pytest.approx(1 / 2)

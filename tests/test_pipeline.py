@@ -120,6 +120,7 @@ def test_report_has_per_class_iou_of_every_stage(tiny_run):
     names = ["background", "person", "disc", "square", "triangle", "cross", "ring"]
     for stage in report["stages"].values():
         assert list(stage["per_class_iou"]) == names
+        assert list(stage["per_class_precision"]) == list(stage["per_class_recall"]) == names
         scored = [v for v in stage["per_class_iou"].values() if v is not None]
         assert stage["miou"] == pytest.approx(sum(scored) / len(scored), abs=1e-3)
     table = first.stdout[first.stdout.index("class IoU"):].splitlines()

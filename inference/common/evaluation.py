@@ -105,10 +105,16 @@ def evaluate_cam_folder(cam_dir, load_gt: MaskLoader, num_classes: int,
 
 
 def format_table(result: dict, title: str = "") -> str:
-    """A per-class IoU table followed by mIoU and pixel accuracy, for the terminal."""
+    """Per class IoU, precision and recall, then mIoU and pixel accuracy, for the terminal."""
     lines = [title] if title else []
-    for name, iou in result.get("per_class_iou", {}).items():
-        lines.append(f"  {name:<20s} {'-' if iou is None else f'{iou:6.2f}'}")
+    columns = [result.get(key, {}) for key in ("per_class_iou", "per_class_precision",
+                                               "per_class_recall")]
+    if columns[0]:
+        lines.append(f"  {'class':<20s} {'IoU':>6s} {'prec.':>6s} {'recall':>6s}")
+    for name in columns[0]:
+        cells = [column.get(name) for column in columns]
+        lines.append(f"  {name:<20s} " + " ".join("     -" if v is None else f"{v:6.2f}"
+                                                  for v in cells))
     extras = [f"mIoU {result['miou']:.2f}" if result.get("miou") is not None else "mIoU -"]
     if result.get("pixel_accuracy") is not None:
         extras.append(f"pixel acc {result['pixel_accuracy']:.2f}")

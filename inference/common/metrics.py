@@ -45,6 +45,19 @@ class ConfusionMatrix:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
 
+    def precision(self) -> np.ndarray:
+        """Per class: the share of the pixels predicted c that are c; NaN where none is."""
+        square = self.matrix[:, : self.num_classes]
+        predicted = square.sum(axis=0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(predicted > 0, np.diag(square) / np.maximum(predicted, 1), np.nan)
+
+    def recall(self) -> np.ndarray:
+        """Per class: the share of the pixels of class c predicted c; NaN where there are none."""
+        actual = self.matrix.sum(axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(actual > 0, np.diag(self.matrix) / np.maximum(actual, 1), np.nan)
+
     def miou(self) -> float:
         """Mean IoU over the classes that occur in prediction or ground truth (0-1)."""
         iou = self.iou()
@@ -55,13 +68,17 @@ class ConfusionMatrix:
         return float(np.trace(self.matrix[:, : self.num_classes]) / total) if total else float("nan")
 
     def summary(self, class_names: list[str] | None = None) -> dict:
-        """Percentages (0-100), the unit of report.json and of the papers."""
+        """Percentages (0-100), the unit of report.json and of the papers. Precision and
+        recall say whether a class's IoU is lost to pixels of other classes labelled as it
+        (a mask beside the object) or to its own pixels labelled otherwise (too small)."""
         names = class_names or [str(i) for i in range(self.num_classes)]
-        iou = self.iou()
+        per_class = {"per_class_iou": self.iou(), "per_class_precision": self.precision(),
+                     "per_class_recall": self.recall()}
         return {
             "miou": _percent(self.miou()),
             "pixel_accuracy": _percent(self.pixel_accuracy()),
-            "per_class_iou": {name: _percent(v) for name, v in zip(names, iou)},
+            **{key: {name: _percent(v) for name, v in zip(names, values)}
+               for key, values in per_class.items()},
         }
 
 

@@ -21,7 +21,8 @@ STAGE_TITLES = {"cam": "CAM", "ir_label": "IR", "pseudo_mask": "pseudo", "segmen
 
 
 def _stage(result: dict, **extra) -> dict:
-    return {"miou": result["miou"], **extra, "per_class_iou": result["per_class_iou"]}
+    per_class = ("per_class_iou", "per_class_precision", "per_class_recall")
+    return {"miou": result["miou"], **extra, **{key: result[key] for key in per_class}}
 
 
 def score_stages(cfg, train_split: str, val_split: str) -> dict:
