@@ -55,7 +55,12 @@ class AutoFloat(float):
 AUTO = "auto"
 
 
-class ConfigError(Exception):
+class StepError(Exception):
+    """An error that stops a step before or during its work: the message is one line, and
+    the entry points (each step's script, ``run_pipeline.py``) print it and exit 2."""
+
+
+class ConfigError(StepError):
     """A bad config: the message is one line that names the key or file."""
 
 
@@ -263,10 +268,11 @@ def parse_step_args(defaults: Mapping, description: str, argv: list[str] | None 
 
 
 def exit_on_config_error(fn, *args, **kwargs):
-    """Run ``fn``; a ConfigError becomes ``error: <message>`` on stderr and exit code 2."""
+    """Run ``fn``; a StepError (ConfigError included) becomes ``error: <message>`` on stderr
+    and exit code 2."""
     try:
         return fn(*args, **kwargs)
-    except ConfigError as err:
+    except StepError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
