@@ -3,9 +3,12 @@
     python run_pipeline.py configs/toy [key=value ...] [--gt-bound]
 
 Each step runs through the same function its own script calls, with the config file
-``configs/<dataset>/<n>_*.yaml``. A step whose folder says it finished is skipped, so a
-second run only re-scores (``overwrite=true`` redoes everything). ``key=value`` overrides
-go to every step whose config has that key (``train.epochs=1`` shortens all training).
+``configs/<dataset>/<n>_*.yaml``. A step whose folder says it finished, by the same settings
+and from the same inputs, is skipped, so a second run only re-scores. A finished or partial
+step whose settings or inputs changed stops the run with one line naming what differs;
+``overwrite=true`` redoes those steps and, since their outputs change, the ones after them.
+``key=value`` overrides go to every step whose config has that key (``train.epochs=1``
+shortens all training).
 ``--gt-bound`` also trains step 6 on the ground-truth masks with the same settings and
 predicts with step 7 (into ``<work_dir>/gt_bound/``), so the report shows how much of the
 fully supervised result the pseudo masks reach.
@@ -18,6 +21,7 @@ import time
 from pathlib import Path
 
 from inference.common.examples import write_examples
+from inference.common.provenance import stale_message, stale_reasons
 from inference.common.report import (GT_BOUND_DIR, build_report, format_report, score_stages,
                                      write_report)
 from inference.common.step_io import STEP_DIRS, read_done
@@ -26,7 +30,8 @@ from model_training.common.config import (COMMON_DEFAULTS, ConfigError, exit_on_
                                           load_config, merge_defaults, parse_override)
 from model_training.common.datasets import build_source
 
-# (step, config file, module with the DEFAULTS and the function the step's script calls)
+# (step, config file, module with the DEFAULTS, ``step_inputs`` and the function the step's
+# script calls)
 STEPS = [
     (1, "1_classifier.yaml", "model_training.cam_generation.classifier_training:train_classifier"),
     (2, "2_cam.yaml", "inference.common.cam_step:run"),
@@ -47,8 +52,9 @@ def _has_key(defaults: dict, dotted: str) -> bool:
     return True
 
 
-def load_step_configs(config_dir: Path, overrides: list[str]) -> list[tuple[int, object, object]]:
-    """Every step's validated config, before anything runs; an override no step knows is an error."""
+def load_step_configs(config_dir: Path, overrides: list[str]) -> list[tuple]:
+    """(step, run function, validated config, inputs function) of every step, before anything
+    runs; an override no step knows is an error."""
     if not config_dir.is_dir():
         raise ConfigError(f"config folder not found: {config_dir}")
     loaded, used = [], set()
@@ -59,7 +65,7 @@ def load_step_configs(config_dir: Path, overrides: list[str]) -> list[tuple[int,
         mine = [o for o in overrides if _has_key(defaults, parse_override(o)[0])]
         used.update(mine)
         cfg = load_config(config_dir / file_name, mine, module.DEFAULTS)
-        loaded.append((step, getattr(module, function_name), cfg))
+        loaded.append((step, getattr(module, function_name), cfg, module.step_inputs))
     unknown = [o for o in overrides if o not in used]
     if unknown:
         raise ConfigError(f"override '{unknown[0]}' matches no key of any step's config")
@@ -67,17 +73,23 @@ def load_step_configs(config_dir: Path, overrides: list[str]) -> list[tuple[int,
 
 
 def run_steps(step_configs, label: str = "") -> dict:
-    """Run the unfinished steps in order; returns seconds per step (a skipped step's own time)."""
+    """Run, in order, the steps not finished by the same recipe (``provenance``); one whose
+    folder holds another recipe's outputs is a ConfigError unless ``overwrite``. Returns
+    seconds per step (a skipped step's own time)."""
     seconds = {}
-    for step, run_step, cfg in step_configs:
+    for step, run_step, cfg, step_inputs in step_configs:
         name = STEP_DIRS[step]
         shown = f"{label}/{name}" if label else name
-        done = read_done(Path(cfg.work_dir) / name)
-        if done is not None and not cfg.overwrite:
+        folder = Path(cfg.work_dir) / name
+        reasons = stale_reasons(folder, cfg, step_inputs(cfg))
+        done = read_done(folder)
+        if done is not None and not reasons:
             print(f"[{shown}] finished earlier: skipped")
             seconds[name] = float(done.get("seconds", 0.0))
             continue
-        print(f"[{shown}] running")
+        if reasons and not cfg.overwrite:
+            raise ConfigError(stale_message(folder, reasons))
+        print(f"[{shown}] running" + (f" again: {reasons[0]}" if reasons else ""))
         start = time.time()
         run_step(cfg)
         seconds[name] = round(time.time() - start, 2)
@@ -90,7 +102,8 @@ def run_gt_bound(config_dir: Path, overrides: list[str], work_dir) -> float:
     bound_overrides = [*overrides, f"work_dir={Path(work_dir) / GT_BOUND_DIR}", "mask_source=gt",
                        "self_training.rounds=1"]
     step_configs = exit_on_config_error(load_step_configs, config_dir, bound_overrides)
-    seconds = run_steps([s for s in step_configs if s[0] in (6, 7)], label=GT_BOUND_DIR)
+    seconds = exit_on_config_error(run_steps, [s for s in step_configs if s[0] in (6, 7)],
+                                   label=GT_BOUND_DIR)
     return round(sum(seconds.values()), 2)
 
 
@@ -102,7 +115,7 @@ def main(argv=None) -> dict:
                         help="also train step 6 on ground-truth masks (same config) and score it")
     args = parser.parse_args(argv)
     step_configs = exit_on_config_error(load_step_configs, args.config_dir, args.overrides)
-    seconds = run_steps(step_configs)
+    seconds = exit_on_config_error(run_steps, step_configs)
     cfg = step_configs[-1][2]
     if args.gt_bound:
         seconds[GT_BOUND_DIR] = run_gt_bound(args.config_dir, args.overrides, cfg.work_dir)

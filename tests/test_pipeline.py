@@ -147,21 +147,52 @@ def test_gt_bound_report_gives_the_ratio():
                for l in text.splitlines())
 
 
-def test_gt_bound_trains_steps_6_and_7_on_ground_truth_only(tiny_run):
-    """Last in this file: it adds gt_bound/ to the shared run. The bound trains one round
-    even where the config self-trains (the finished steps are not redone)."""
-    work_dir = tiny_run[0]
+def _copy_steps(work_dir, target, steps):
+    for folder in list(STEP_FOLDERS)[:steps]:
+        shutil.copytree(work_dir / folder, target / folder)
+
+
+def test_changed_step3_threshold_is_refused_then_redone_with_overwrite(tiny_run, tmp_path):
+    """Issue 15: a setting changed after a finished run is neither skipped nor mixed in:
+    one line and exit 2; with overwrite=true steps 3-7, and only those, run again."""
+    _copy_steps(tiny_run[0], tmp_path, 7)
+    command = [sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / "toy"),
+               f"work_dir={tmp_path}", *TINY, "crf.conf_fg_thres=0.6"]
+    refused = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert refused.returncode == 2
+    assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("error: ")
+    assert "3_ir_labels" in refused.stderr and "crf.conf_fg_thres: 0.55 -> 0.6" in refused.stderr
+    assert "conf_fg_thres: 0.55" in (tmp_path / "3_ir_labels" / "config.yaml").read_text()
+    redone = subprocess.run(command + ["overwrite=true"], capture_output=True, text=True, cwd=REPO)
+    assert redone.returncode == 0, redone.stderr[-3000:]
+    skipped = [l.split("]")[0][1:] for l in redone.stdout.splitlines() if "skipped" in l]
+    running = [l.split("]")[0][1:] for l in redone.stdout.splitlines() if "] running" in l]
+    assert skipped == ["1_classifier", "2_cams"]
+    assert running == list(STEP_FOLDERS)[2:]
+    assert "conf_fg_thres: 0.6" in (tmp_path / "3_ir_labels" / "config.yaml").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0 and again.stdout.count("finished earlier: skipped") == 7
+
+
+def test_gt_bound_trains_steps_6_and_7_on_ground_truth_only(tiny_run, tmp_path):
+    """The bound trains one round even where the config self-trains (here steps 6-7 of the
+    run itself self-train, from steps 1-5 of the shared run)."""
+    work_dir = tmp_path
+    _copy_steps(tiny_run[0], work_dir, 5)
     proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / "toy"),
                            f"work_dir={work_dir}", *TINY, "self_training.rounds=2", "--gt-bound"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("finished earlier: skipped") == 7
+    assert proc.stdout.count("finished earlier: skipped") == 5
     assert "[gt_bound/6_segmentation] running" in proc.stdout
     assert "[gt_bound/7_predictions] running" in proc.stdout
+    assert (work_dir / "6_segmentation" / "round1" / "masks").is_dir()
     bound = work_dir / "gt_bound"
     steps = sorted(p.name for p in bound.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert steps == ["6_segmentation", "7_predictions"]
-    assert "mask_source: gt" in (bound / "6_segmentation" / "config.yaml").read_text()
+    bound_config = (bound / "6_segmentation" / "config.yaml").read_text()
+    assert "mask_source: gt" in bound_config and "rounds: 1" in bound_config
+    assert not (bound / "6_segmentation" / "round1").exists()
     report = json.loads((work_dir / "report.json").read_text())
     stages = report["stages"]
     assert stages["segmentation"]["of_gt_bound"] == pytest.approx(

@@ -107,3 +107,29 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
                       step_fn=lambda net, b: {"loss": net(b[0]).sum() * math.nan})
     with pytest.raises(FloatingPointError, match="train.lr"):
         trainer.fit()
+
+
+def test_resume_drops_a_best_pt_that_last_pt_does_not_name(tmp_path):
+    """Issue 15 case 2: a killed run wrote best.pt of epoch 2 but not last.pt (an older
+    version saved best.pt first); the resumed run's epochs score lower, so best.pt was never
+    replaced and done.json named epoch 1 while step 2 loaded the orphan."""
+    _train(tmp_path, epochs=1, scores=[0.9])
+    epoch1 = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
+    orphan = torch.load(tmp_path / "best.pt", weights_only=True)
+    torch.save({**orphan, "epoch": 2, "model": {k: v + 1 for k, v in orphan["model"].items()}},
+               tmp_path / "best.pt")
+    _, summary = _train(tmp_path, epochs=3, resume=True, scores=[0.5, 0.6])
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert summary["best_epoch"] == best["epoch"] == 1 and summary["best_score"] == 0.9
+    for name, value in epoch1.items():
+        torch.testing.assert_close(best["model"][name], value)
+
+
+def test_resume_rewrites_best_pt_when_killed_between_last_and_best(tmp_path):
+    _train(tmp_path, epochs=1, scores=[0.5])
+    stale_best = (tmp_path / "best.pt").read_bytes()
+    _train(tmp_path, epochs=2, resume=True, scores=[0.9])
+    (tmp_path / "best.pt").write_bytes(stale_best)  # epoch 2's best.pt never written
+    _, summary = _train(tmp_path, epochs=3, resume=True, scores=[0.7])
+    assert summary["best_epoch"] == 2
+    assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 2

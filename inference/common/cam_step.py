@@ -16,15 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from model_training.common.config import ConfigError, resolve_device, save_config
+from model_training.common.config import ConfigError, resolve_device
 from model_training.common.datasets import build_source
 from model_training.common.models import load_cam_classifier
 from model_training.common.transforms import image_to_tensor
 
 from .cam import (CAM_STRIDE, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams,
                   multiscale_cams, select_outputs)
-from .step_io import (clear_done, mark_done, pending_ids, run_over_images, save_cams, shard_ids,
-                      step_dir)
+from .provenance import claim_folder
+from .step_io import (STEP_DIRS, clear_done, mark_done, pending_ids, run_over_images, save_cams,
+                      shard_ids, step_dir)
 
 DEFAULTS = {
     "cam": {
@@ -133,6 +134,14 @@ def _check(cfg) -> list[Path]:
     return [path for _, path in checkpoints]
 
 
+def step_inputs(cfg) -> dict[str, Path]:
+    """What this step reads (``provenance``): step 1's folder, or the checkpoint files named."""
+    inputs = {"classifier": Path(cfg.cam.checkpoint) if cfg.cam.checkpoint
+              else Path(cfg.work_dir) / STEP_DIRS[1]}
+    inputs.update({f"extra_checkpoints[{i}]": Path(p) for i, p in enumerate(cfg.cam.extra_checkpoints)})
+    return inputs
+
+
 def run(cfg, ids: list[str] | None = None) -> dict:
     """Write ``2_cams/<id>.npz`` for every image of ``cam.split`` (resuming); returns a summary."""
     start = time.time()
@@ -140,7 +149,7 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     device = resolve_device(cfg.device)
     source = build_source(cfg.dataset, cfg.cam.split)
     out_dir = step_dir(cfg.work_dir, 2)
-    save_config(cfg, out_dir)
+    claim_folder(out_dir, cfg, step_inputs(cfg))
     clear_done(out_dir, cfg.shard)
     main = CamExtractor(checkpoints[0], device, cfg.cam)
     # An excluded class's binary classifier adds its map where it predicts the class.

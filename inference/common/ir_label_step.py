@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import functools
 import time
+from pathlib import Path
 
-from model_training.common.config import AutoFloat, save_config
+from model_training.common.config import AutoFloat
 from model_training.common.datasets import build_source
 
 from .auto_thresholds import resolve_auto
 from .ir_labels import process_image, run_pool
-from .step_io import (clear_done, ids_with_inputs, mark_done, pending_ids, shard_ids,
+from .provenance import claim_folder
+from .step_io import (STEP_DIRS, clear_done, ids_with_inputs, mark_done, pending_ids, shard_ids,
                       step_dir)
 
 DEFAULTS = {
@@ -41,6 +43,11 @@ def crf_params(crf_cfg) -> dict:
     }
 
 
+def step_inputs(cfg) -> dict[str, Path]:
+    """What this step reads (``provenance``): step 2's CAMs."""
+    return {"cams": Path(cfg.work_dir) / STEP_DIRS[2]}
+
+
 def run(cfg, ids: list[str] | None = None) -> dict:
     """Write ``3_ir_labels/<id>.png`` for every image with CAMs (resuming); returns a summary."""
     start = time.time()
@@ -49,7 +56,7 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
     with_cams = ids_with_inputs(ids, cam_dir, ".npz", producer=2)
     derived = resolve_auto(cfg, "crf", ("conf_fg_thres", "conf_bg_thres"), cfg.crf.split)
-    save_config(cfg, out_dir)
+    claim_folder(out_dir, cfg, step_inputs(cfg))
     clear_done(out_dir, cfg.shard)
     todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
     worker = functools.partial(

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from model_training.cam_generation.irn_training import load_irnet
-from model_training.common.config import AutoFloat, ConfigError, resolve_device, save_config
+from model_training.common.config import AutoFloat, ConfigError, resolve_device
 from model_training.common.datasets import build_source
 from model_training.common.models.irnet import predict_boundary
 from model_training.common.transforms import image_to_tensor
@@ -24,7 +24,8 @@ from model_training.common.transforms import image_to_tensor
 from .auto_thresholds import resolve_auto
 from .crf import crf_inference
 from .random_walk import background_seed, pseudo_mask_from_rw, random_walk
-from .step_io import (atomic_write, clear_done, ids_with_inputs, load_cams, mark_done,
+from .provenance import claim_folder
+from .step_io import (STEP_DIRS, atomic_write, clear_done, ids_with_inputs, load_cams, mark_done,
                       pending_ids, run_over_images, save_png, shard_ids, step_dir)
 
 DEFAULTS = {
@@ -102,6 +103,14 @@ class PseudoMaskMaker:
         return mask, {"keys": rw_keys.astype(np.int64), "rw": walked.numpy()}
 
 
+def step_inputs(cfg) -> dict[str, Path]:
+    """What this step reads (``provenance``): step 2's CAMs and IRNet (step 4's folder, or
+    the checkpoint file named)."""
+    return {"cams": Path(cfg.work_dir) / STEP_DIRS[2],
+            "irn": Path(cfg.pseudo.checkpoint) if cfg.pseudo.checkpoint
+            else Path(cfg.work_dir) / STEP_DIRS[4]}
+
+
 def run(cfg, ids: list[str] | None = None) -> dict:
     """Write ``5_pseudo_masks/<id>.png`` for every image with CAMs (resuming)."""
     start = time.time()
@@ -117,7 +126,7 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
     with_cams = ids_with_inputs(ids, cam_dir, ".npz", producer=2)
     derived = resolve_auto(cfg, "pseudo", ("bg_thres", "bg_power"), cfg.pseudo.split)
-    save_config(cfg, out_dir)
+    claim_folder(out_dir, cfg, step_inputs(cfg))
     clear_done(out_dir, cfg.shard)
     maker = PseudoMaskMaker(checkpoint, device, cfg.pseudo)
     todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)

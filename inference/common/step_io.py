@@ -42,11 +42,15 @@ def step_dir(work_dir: str | os.PathLike, step: int) -> Path:
     return path
 
 
+TEMP_PREFIX = ".tmp."  # atomic_write's temporary files: hidden, and swept by mark_done
+
+
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Path:
     """Call ``write_fn(tmp_path)`` then rename onto ``path``; the temp file keeps the suffix."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}.", suffix=path.suffix,
+                               dir=path.parent)
     os.close(fd)
     try:
         write_fn(tmp)
@@ -181,13 +185,25 @@ def mark_done(folder, summary: dict, shard: str | None = None) -> Path:
     folder = Path(folder)
     index, count = resolve_shard(shard) if shard is not None else (0, 1)
     if count == 1:
+        remove_temp_files(folder)
         return _write_json(folder / DONE_FILE, summary)
     own = _write_json(folder / _shard_done_file(index, count), summary)
     parts = [folder / _shard_done_file(i, count) for i in range(count)]
     if all(part.is_file() for part in parts):
+        remove_temp_files(folder)
         _write_json(folder / DONE_FILE, _merge_summaries(
             [json.loads(part.read_text()) for part in parts]))
     return own
+
+
+def remove_temp_files(folder) -> list[Path]:
+    """Delete the temporary files that killed runs left in ``folder`` (and below): called once
+    the step has finished, when nothing is writing there any more."""
+    leftovers = [p for p in Path(folder).rglob("*") if p.is_file() and (
+        p.name.startswith(TEMP_PREFIX) or (p.name.startswith("config.yaml.") and p.suffix == ".tmp"))]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
 
 
 def _merge_summaries(parts: list[dict]) -> dict:

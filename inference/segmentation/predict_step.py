@@ -11,8 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from inference.common.step_io import atomic_write, clear_done, mark_done, shard_ids, step_dir
-from model_training.common.config import ConfigError, save_config
+from inference.common.provenance import claim_folder
+from inference.common.step_io import (STEP_DIRS, atomic_write, clear_done, mark_done, shard_ids,
+                                      step_dir)
+from model_training.common.config import ConfigError
 from model_training.common.datasets import build_source
 
 SUBMIT_DIR = Path(__file__).resolve().parent / "submit"
@@ -56,11 +58,17 @@ def split_image_folder(cfg, source) -> tuple[Path, Path]:
     return folder, ids_file
 
 
+def step_inputs(cfg) -> dict[str, Path]:
+    """What this step reads (``provenance``): step 6's folder, or the submission config named."""
+    return {"model": Path(cfg.submit.config) if cfg.submit.config
+            else Path(cfg.work_dir) / STEP_DIRS[6]}
+
+
 def run(cfg) -> dict:
     """Predict every image of ``predicted_split`` into ``7_predictions/``; returns a summary."""
     start = time.time()
     out_dir = step_dir(cfg.work_dir, 7)
-    save_config(cfg, out_dir)
+    claim_folder(out_dir, cfg, step_inputs(cfg))
     clear_done(out_dir, cfg.shard)
     source = build_source(cfg.dataset, predicted_split(cfg))
     data_dir, ids_file = split_image_folder(cfg, source)

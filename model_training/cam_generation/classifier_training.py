@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from inference.common.provenance import claim_folder
 from inference.common.step_io import STEP_DIRS, mark_done, report_failure
 from model_training.common import distributed
-from model_training.common.config import (COMMON_DEFAULTS, Config, ConfigError, merge_defaults,
-                                          save_config)
+from model_training.common.config import COMMON_DEFAULTS, Config, ConfigError, merge_defaults
 from model_training.common.datasets import (ImageLoadError, ImageSource, build_source,
                                             labels_to_vector)
 from model_training.common.models import (CamClassifier, build_cam_classifier,
@@ -335,11 +335,17 @@ def _check_config(cfg: Config) -> None:
             raise ConfigError(f"key 'data.{key}' must be [low, high]")
 
 
+def step_inputs(cfg: Config) -> dict:
+    """What this step reads besides the dataset (``provenance``): nothing."""
+    return {}
+
+
 def train_classifier(cfg: Config) -> dict:
     """Run step 1 from a resolved config; returns the Trainer summary plus the output paths."""
     started = time.time()
     _check_config(cfg)
     out_dir = classifier_dir(cfg.work_dir, cfg.variant)
+    claim_folder(out_dir, cfg, step_inputs(cfg))
     check_resume(out_dir, cfg.resume, cfg.overwrite)
     device = distributed.setup(cfg)
     seed_everything(cfg.seed + distributed.rank())  # ranks augment differently
@@ -395,9 +401,6 @@ def train_classifier(cfg: Config) -> dict:
         logits = net(batch["image"])
         return {"loss": multilabel_loss(logits, batch["target"], pos_weight, negative_weight)}
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        save_config(cfg, out_dir)
     trainer = Trainer(
         distributed.wrap_model(model, device, cfg.train.sync_bn),
         model.parameter_groups(cfg.train.new_layer_lr_mult), train_loader, out_dir,

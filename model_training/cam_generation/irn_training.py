@@ -15,9 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from inference.common.path_index import PathIndex, edge_to_affinity
-from inference.common.step_io import load_png, mark_done, step_dir
+from inference.common.provenance import claim_folder
+from inference.common.step_io import STEP_DIRS, load_png, mark_done, step_dir
 from model_training.common import distributed
-from model_training.common.config import COMMON_DEFAULTS, ConfigError, merge_defaults, save_config
+from model_training.common.config import COMMON_DEFAULTS, ConfigError, merge_defaults
 from model_training.common.datasets import build_source
 from model_training.common.irn_labels import affinity_targets, irn_losses, label_to_stride
 from model_training.common.models import (build_multilevel_backbone, check_backbone_keys,
@@ -86,11 +87,17 @@ def _check(cfg) -> None:
         raise ConfigError("key 'data.crop_size' must be set: IRNet trains on square crops")
 
 
+def step_inputs(cfg) -> dict[str, Path]:
+    """What this step reads (``provenance``): step 3's IR labels."""
+    return {"ir_labels": Path(cfg.work_dir) / STEP_DIRS[3]}
+
+
 def run(cfg) -> dict:
     """Train IRNet into ``4_irn/`` (best.pt = last epoch); returns the trainer's summary."""
     started = time.time()
     _check(cfg)
     out_dir = step_dir(cfg.work_dir, 4)
+    claim_folder(out_dir, cfg, step_inputs(cfg))
     check_resume(out_dir, cfg.resume, cfg.overwrite)
     device = distributed.setup(cfg)
     seed_everything(cfg.seed + distributed.rank())  # ranks augment differently
@@ -122,8 +129,6 @@ def run(cfg) -> dict:
         losses = irn_losses(affinity, targets, path_index, out.displacement)
         return {"loss": losses.pop("total"), **losses}
 
-    if distributed.is_main():
-        save_config(cfg, out_dir)
     arch = {k: cfg.irn[k] for k in ("backbone", "weights", "output_stride", "with_displacement")}
     trainer = Trainer(distributed.wrap_model(model, device, cfg.train.sync_bn),
                       model.param_groups(cfg.irn.displacement_lr_mult), loader, out_dir,

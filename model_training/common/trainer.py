@@ -291,6 +291,33 @@ class Trainer:
                        f"{world_size()}: rank r continues the random stream of rank r % {len(states)}")
         _set_rng_state(states[rank() % len(states)])
         self._note(f"resume: continuing after epoch {self.epoch} of {last}")
+        self._reconcile_best()
+
+    def _reconcile_best(self) -> None:
+        """Make ``best.pt`` the epoch that the restored ``last.pt`` names as best. A run killed
+        between writing ``last.pt`` and ``best.pt`` of one epoch left last.pt's model as the
+        best: write it again. A ``best.pt`` of another epoch (an older version wrote best.pt
+        first, so a killed run could leave an epoch this run does not continue) is dropped,
+        and the best is chosen again from last.pt's epoch on. Every rank keeps the same best;
+        only rank 0 touches the files."""
+        path = self.out_dir / "best.pt"
+        on_disk = (torch.load(path, map_location="cpu", weights_only=True)["epoch"]
+                   if path.is_file() else 0)
+        if on_disk == self.best_epoch:
+            return
+        if self.best_epoch != self.epoch:
+            self._note(f"resume: {path} holds epoch {on_disk}, not the best epoch "
+                       f"{self.best_epoch} that last.pt names: dropped; the best is chosen "
+                       f"again from epoch {self.epoch} on")
+            if self.is_main:
+                path.unlink(missing_ok=True)
+            self.best_score, self.best_epoch = -math.inf, 0
+            last_validated = self.validate_fn is None or self._validation_due()
+            if not self._update_best(self.last_metrics if last_validated else None):
+                return
+        if self.is_main:
+            self._save("best.pt", full=False)
+        self._note(f"resume: {path} rewritten from epoch {self.epoch} of last.pt")
 
     def _clear_previous_run(self) -> None:
         """Starting over (overwrite=true): no stale checkpoint or curve may outlive it."""
@@ -326,10 +353,10 @@ class Trainer:
                 improved = self._update_best(metrics)
                 row["seconds"] = time.time() - started
                 rng_states = gather_from_ranks(_rng_state())  # a collective: every rank calls it
-                if self.is_main:
+                if self.is_main:  # last.pt first: a kill between the two is repaired on resume
+                    self._save("last.pt", full=True, rng_states=rng_states)
                     if improved:
                         self._save("best.pt", full=False)
-                    self._save("last.pt", full=True, rng_states=rng_states)
                     log.epoch(row, self.iteration)
                     self._note(self._summary_line(row))
         finally:

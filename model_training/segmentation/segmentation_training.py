@@ -25,11 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from inference.common.metrics import IGNORE_INDEX, ConfusionMatrix
+from inference.common.provenance import claim_folder
 from inference.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done, pending_ids,
                                       read_done, report_failure, run_over_images, save_png,
                                       step_dir)
 from model_training.common import distributed
-from model_training.common.config import ConfigError, merge_defaults, save_config
+from model_training.common.config import ConfigError, merge_defaults
 from model_training.common.datasets import ImageLoadError, ImageSource, build_source
 from model_training.common.models import weights_error_names
 from model_training.common.models.weights import (LITE_HEAD_PREFIXES, efficientnet_lite_state_dict,
@@ -187,11 +188,11 @@ def mask_dir_for(cfg: Mapping) -> Path | None:
         raise ConfigError(f"key 'mask_source' must be pseudo or gt, got {cfg['mask_source']!r}")
     if cfg["mask_source"] == "gt":
         return None
-    folder = cfg["pseudo_mask_dir"] or Path(cfg["work_dir"]) / STEP_DIRS[5]
-    if not Path(folder).is_dir():
+    folder = step_inputs(cfg)["masks"]
+    if not folder.is_dir():
         raise ConfigError(f"key 'pseudo_mask_dir': folder not found: {folder} (run step 5 first, "
                           f"or set mask_source=gt)")
-    return Path(folder)
+    return folder
 
 
 class SegmentationDataset(Dataset):
@@ -434,8 +435,6 @@ def _fit_round(cfg: Mapping, device: torch.device, out_dir: Path, mask_dir: Path
     groups = param_groups(model, cfg["train"]["new_layer_lr_mult"])
     metadata = submission_metadata(model_config, train_source.class_names)
     fields = {**metadata, "mask_source": cfg["mask_source"], "config": _plain(cfg)}
-    if distributed.is_main():
-        save_config(cfg, out_dir)
     masks = "ground-truth" if mask_dir is None else str(mask_dir)
     print(f"step 6: {len(dataset)} training images (masks: {masks}), "
           f"{model_config['arch']} / {model_config['encoder_name']}, device {device}", file=sys.stderr)
@@ -446,6 +445,14 @@ def _fit_round(cfg: Mapping, device: torch.device, out_dir: Path, mask_dir: Path
     return trainer.fit(), metadata
 
 
+def step_inputs(cfg: Mapping) -> dict[str, Path]:
+    """What this step reads besides the dataset (``provenance``): the pseudo masks, or
+    nothing with ``mask_source=gt``."""
+    if cfg["mask_source"] == "gt":
+        return {}
+    return {"masks": Path(cfg["pseudo_mask_dir"] or Path(cfg["work_dir"]) / STEP_DIRS[5])}
+
+
 def train_segmentation(cfg: Mapping) -> dict:
     """Train (``self_training.rounds`` times, each round on the previous one's label-restricted
     predictions), validate and export the last round; returns its best val mIoU (percent) and
@@ -454,6 +461,7 @@ def train_segmentation(cfg: Mapping) -> dict:
     out_dir = step_dir(cfg["work_dir"], STEP)
     rounds = cfg["self_training"]["rounds"]
     _check_rounds(cfg)
+    claim_folder(out_dir, cfg, step_inputs(cfg))
     check_resume(out_dir, cfg["resume"], cfg["overwrite"])
     device = distributed.setup(cfg)
     seed_everything(cfg["seed"] + distributed.rank())  # ranks augment differently

@@ -1,0 +1,144 @@
+"""What made a step folder, so a result cannot silently come from other settings or inputs.
+
+A step records, as it starts writing, its *recipe* in ``provenance.json``: the resolved
+settings that change its outputs and the identity of every input it reads (an upstream
+step folder's fingerprint, or a file's hash). A later run of the step, by its script or by
+``run_pipeline.py``, compares its own recipe with the recorded one: equal means resume or
+skip; different means stop with one line naming what differs, unless ``overwrite=true``.
+A finished folder's fingerprint (its recipe plus its checkpoints' bytes) is what the steps
+after it record as their input, so a change in step 3 makes steps 4-7 stale too.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from model_training.common.config import ConfigError, save_config
+
+from .step_io import DONE_FILE, atomic_write
+
+PROVENANCE_FILE = "provenance.json"
+
+# Settings that change how a step runs, not what it writes.
+RUN_ONLY_KEYS = frozenset({"work_dir", "device", "num_workers", "crf.num_workers", "overwrite",
+                           "on_error", "shard", "resume", "val.batch_size"})
+# Settings a training step may change while it resumes (continue for more epochs).
+RESUMABLE_KEYS = frozenset({"train.epochs"})
+
+
+def output_settings(cfg: Mapping) -> dict[str, Any]:
+    """The config as dotted keys, without the run-only ones."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Mapping, prefix: str) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            if dotted in RUN_ONLY_KEYS:
+                continue
+            if isinstance(value, Mapping) and value:
+                walk(value, dotted + ".")
+            else:
+                flat[dotted] = value
+
+    walk(cfg, "")
+    return flat
+
+
+def _hash_files(paths) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.name.encode())
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def input_identity(path: str | os.PathLike) -> str:
+    """What an input is now: a finished step folder's fingerprint (its recipe and its
+    checkpoints), a file's hash, or a plain folder's listing (names and sizes)."""
+    path = Path(path)
+    if path.is_file():
+        return f"file {_hash_files([path])}"
+    if (path / PROVENANCE_FILE).is_file():
+        if not (path / DONE_FILE).is_file():
+            return "unfinished"
+        recipe = (path / PROVENANCE_FILE).read_bytes()
+        checkpoints = sorted(path.glob("*.pt"))
+        return f"step {hashlib.sha256(recipe).hexdigest()[:16]}-{_hash_files(checkpoints)}"
+    if (path / DONE_FILE).is_file():
+        return "finished without a provenance record (an older version)"
+    if path.is_dir():
+        listing = sorted((p.name, p.stat().st_size) for p in path.iterdir() if p.is_file())
+        return f"folder {hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]}"
+    return "missing"
+
+
+def build_recipe(cfg: Mapping, inputs: Mapping[str, str | os.PathLike]) -> dict:
+    """Settings and input identities, as recorded in ``provenance.json`` (so in JSON's
+    types: tuples become lists, paths strings)."""
+    recipe = {"settings": output_settings(cfg),
+              "inputs": {name: input_identity(path) for name, path in inputs.items()}}
+    return json.loads(json.dumps(recipe, default=str))
+
+
+def read_recipe(folder: str | os.PathLike) -> dict | None:
+    path = Path(folder) / PROVENANCE_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def differences(recorded: Mapping, wanted: Mapping) -> list[str]:
+    """``key: old -> new`` for every setting or input that differs."""
+    found = []
+    for section, label in (("settings", ""), ("inputs", "input ")):
+        old, new = recorded.get(section, {}), wanted.get(section, {})
+        for key in sorted(set(old) | set(new), key=lambda k: (k not in new, k)):
+            if old.get(key, "<unset>") != new.get(key, "<unset>"):
+                found.append(f"{label}{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}")
+    return found
+
+
+def _holds_outputs(folder: Path) -> bool:
+    return folder.is_dir() and any(p.name not in ("config.yaml", "tb") for p in folder.iterdir())
+
+
+def stale_reasons(folder: str | os.PathLike, cfg: Mapping, inputs: Mapping) -> list[str]:
+    """Why the outputs in ``folder`` were not made by this recipe ([] when they were, or when
+    there are none yet). With ``resume=true`` a training step may change ``RESUMABLE_KEYS``."""
+    folder = Path(folder)
+    recorded = read_recipe(folder)
+    if recorded is None:
+        return ["it has no provenance.json (made by an older version)"] if _holds_outputs(folder) else []
+    found = differences(recorded, build_recipe(cfg, inputs))
+    if cfg.get("resume"):
+        found = [d for d in found if d.split(":")[0] not in RESUMABLE_KEYS]
+    return found
+
+
+def stale_message(folder: str | os.PathLike, reasons: list[str]) -> str:
+    """One line: which folder, what differs (the first three), and the two ways on."""
+    shown = "; ".join(reasons[:3]) + (f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else "")
+    return (f"{folder} was made by other settings or inputs: {shown}. Set overwrite=true to "
+            f"redo it (and the steps after it), or use another work_dir")
+
+
+def claim_folder(folder: str | os.PathLike, cfg: Mapping,
+                 inputs: Mapping[str, str | os.PathLike]) -> None:
+    """Call as a step starts, before it writes: stop if ``folder`` holds outputs of another
+    recipe (unless ``overwrite``), else record this recipe and the resolved config. An
+    unchanged recipe leaves both files as they are; a changed one (with ``overwrite``) also
+    forgets that the folder had finished."""
+    folder = Path(folder)
+    reasons = stale_reasons(folder, cfg, inputs)
+    if reasons and not cfg.get("overwrite"):
+        raise ConfigError(stale_message(folder, reasons))
+    recipe = build_recipe(cfg, inputs)
+    if read_recipe(folder) != recipe:
+        for done in [folder / DONE_FILE, *folder.glob("done.*-of-*.json")]:
+            done.unlink(missing_ok=True)  # finished, but by the old recipe
+        save_config(cfg, folder)
+        text = json.dumps(recipe, indent=2, sort_keys=True)
+        atomic_write(folder / PROVENANCE_FILE, lambda tmp: Path(tmp).write_text(text))

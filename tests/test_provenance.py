@@ -1,0 +1,108 @@
+"""Provenance: a step folder records what made it, and a run with other settings or inputs
+stops with one line instead of skipping or mixing outputs."""
+import json
+
+import pytest
+import torch
+
+from inference.common.provenance import (PROVENANCE_FILE, claim_folder, input_identity,
+                                         stale_reasons)
+from inference.common.step_io import mark_done, read_done, remove_temp_files
+from model_training.common.config import ConfigError, load_config
+
+DEFAULTS = {"resume": False, "crf": {"conf_fg_thres": 0.55, "num_workers": 1},
+            "train": {"epochs": 3}}
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config(None, [f"work_dir={tmp_path}", *overrides], DEFAULTS)
+
+
+def test_first_claim_records_settings_without_run_only_keys(tmp_path):
+    folder = tmp_path / "3_ir_labels"
+    claim_folder(folder, _cfg(tmp_path), {"cams": tmp_path / "2_cams"})
+    recipe = json.loads((folder / PROVENANCE_FILE).read_text())
+    assert recipe["settings"]["crf.conf_fg_thres"] == 0.55
+    assert not {"work_dir", "device", "num_workers", "crf.num_workers", "overwrite",
+                "shard"} & set(recipe["settings"])
+    assert recipe["inputs"] == {"cams": "missing"}
+    assert (folder / "config.yaml").is_file()
+
+
+def test_changed_setting_stops_with_one_line_and_keeps_the_folder(tmp_path):
+    folder = tmp_path / "3_ir_labels"
+    claim_folder(folder, _cfg(tmp_path), {})
+    mark_done(folder, {"written": 1})
+    config_before = (folder / "config.yaml").read_text()
+    with pytest.raises(ConfigError) as err:
+        claim_folder(folder, _cfg(tmp_path, "crf.conf_fg_thres=0.9"), {})
+    message = str(err.value)
+    assert "\n" not in message
+    assert "crf.conf_fg_thres: 0.55 -> 0.9" in message
+    assert "overwrite=true" in message and "work_dir" in message
+    assert (folder / "config.yaml").read_text() == config_before
+    assert read_done(folder) == {"written": 1}
+
+
+def test_run_only_keys_do_not_count_and_an_unchanged_recipe_rewrites_nothing(tmp_path):
+    folder = tmp_path / "3_ir_labels"
+    claim_folder(folder, _cfg(tmp_path), {})
+    mark_done(folder, {"written": 1})
+    (folder / "config.yaml").write_text("left alone\n")
+    claim_folder(folder, _cfg(tmp_path, "num_workers=0", "crf.num_workers=3", "device=cpu",
+                              "on_error=stop"), {})
+    assert (folder / "config.yaml").read_text() == "left alone\n"
+    assert read_done(folder) == {"written": 1}
+
+
+def test_overwrite_records_the_new_recipe_and_forgets_the_old_finish(tmp_path):
+    folder = tmp_path / "3_ir_labels"
+    claim_folder(folder, _cfg(tmp_path), {})
+    mark_done(folder, {"written": 1})
+    claim_folder(folder, _cfg(tmp_path, "crf.conf_fg_thres=0.9", "overwrite=true"), {})
+    assert read_done(folder) is None
+    assert json.loads((folder / PROVENANCE_FILE).read_text())["settings"]["crf.conf_fg_thres"] == 0.9
+    assert "conf_fg_thres: 0.9" in (folder / "config.yaml").read_text()
+
+
+def test_a_changed_upstream_checkpoint_makes_the_next_step_stale(tmp_path):
+    upstream, folder = tmp_path / "1_classifier", tmp_path / "2_cams"
+    claim_folder(upstream, _cfg(tmp_path), {})
+    torch.save({"w": torch.zeros(2)}, upstream / "best.pt")
+    assert input_identity(upstream) == "unfinished"
+    mark_done(upstream, {})
+    claim_folder(folder, _cfg(tmp_path), {"classifier": upstream})
+    assert stale_reasons(folder, _cfg(tmp_path), {"classifier": upstream}) == []
+    torch.save({"w": torch.ones(2)}, upstream / "best.pt")  # step 1 redone, same settings
+    reasons = stale_reasons(folder, _cfg(tmp_path), {"classifier": upstream})
+    assert len(reasons) == 1 and reasons[0].startswith("input classifier: step ")
+
+
+def test_outputs_without_a_record_are_refused(tmp_path):
+    folder = tmp_path / "5_pseudo_masks"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"made by an older version")
+    with pytest.raises(ConfigError, match="no provenance.json"):
+        claim_folder(folder, _cfg(tmp_path), {})
+    claim_folder(tmp_path / "empty", _cfg(tmp_path), {})  # nothing there yet: fine
+
+
+def test_resume_may_raise_the_epochs_but_not_change_other_settings(tmp_path):
+    folder = tmp_path / "1_classifier"
+    claim_folder(folder, _cfg(tmp_path), {})
+    claim_folder(folder, _cfg(tmp_path, "resume=true", "train.epochs=6"), {})
+    assert json.loads((folder / PROVENANCE_FILE).read_text())["settings"]["train.epochs"] == 6
+    with pytest.raises(ConfigError, match="crf.conf_fg_thres"):
+        claim_folder(folder, _cfg(tmp_path, "resume=true", "crf.conf_fg_thres=0.1"), {})
+
+
+def test_finishing_a_step_removes_the_temp_files_of_killed_runs(tmp_path):
+    (tmp_path / "round1").mkdir()
+    leftovers = [tmp_path / ".tmp.a.k2j3h4g5.png", tmp_path / "round1" / ".tmp.best.x8d7s6a5.pt",
+                 tmp_path / "config.yaml.1234.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    (tmp_path / "a.png").write_bytes(b"kept")
+    mark_done(tmp_path, {})
+    assert not any(path.exists() for path in leftovers)
+    assert (tmp_path / "a.png").is_file() and remove_temp_files(tmp_path) == []
