@@ -162,6 +162,12 @@ def test_changed_step3_threshold_is_refused_then_redone_with_overwrite(tiny_run,
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("error: ")
     assert "3_ir_labels" in refused.stderr and "crf.conf_fg_thres: 0.55 -> 0.6" in refused.stderr
+    step3 = subprocess.run([sys.executable, str(REPO / "inference/irn_steps/crf_cam_processing.py"),
+                            "--config", str(REPO / "configs/toy/3_crf.yaml"), f"work_dir={tmp_path}",
+                            *[o for o in TINY if o.startswith(("dataset.", "num_workers", "crf."))],
+                            "crf.conf_fg_thres=0.6"], capture_output=True, text=True, cwd=REPO)
+    assert step3.returncode == 2 and step3.stderr.count("\n") == 1, step3.stderr[-3000:]
+    assert "crf.conf_fg_thres: 0.55 -> 0.6" in step3.stderr
     assert "conf_fg_thres: 0.55" in (tmp_path / "3_ir_labels" / "config.yaml").read_text()
     redone = subprocess.run(command + ["overwrite=true"], capture_output=True, text=True, cwd=REPO)
     assert redone.returncode == 0, redone.stderr[-3000:]
