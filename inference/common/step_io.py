@@ -131,9 +131,14 @@ def shard_ids(ids: Iterable[str], shard: str | None) -> list[str]:
     return list(ids)[index::count]
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message cut to one line (its type where it has none)."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def report_failure(image_id: str, error: BaseException) -> None:
     """One line per bad image, so a long run's log stays readable."""
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    message = first_line(error)
     tqdm.write(f"warning: {image_id}: {message}", file=sys.stderr)
 
 
