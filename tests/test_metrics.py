@@ -1,4 +1,6 @@
-"""mIoU from hand-made confusion matrices, including ignore pixels and absent classes."""
+"""mIoU from hand-made confusion matrices, including ignore pixels and absent classes; the
+folder scores and evaluate.py, which refuse with one line what they could only score wrong."""
+import errno
 import json
 import subprocess
 import sys
@@ -289,3 +291,20 @@ def test_report_scores_what_a_step_wrote_and_records_what_it_left_out(tmp_path):
     assert (pseudo["images"], pseudo["missing"], pseudo["miou"]) == (2, 1, pytest.approx(100.0))
     assert [(stages[k]["images"], stages[k]["missing"]) for k in ("cam", "ir_label", "segmentation")] \
         == [(3, 0), (3, 0), (2, 0)]
+
+
+def test_json_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    from inference import evaluate
+
+    folders = _folders(tmp_path, {"a": [[0, 1]]}, {"a": [[0, 1]]})
+    (tmp_path / "file").write_text("")
+    err = _evaluate_fails(capsys, *folders, "--num-classes", "2", "--json",
+                          str(tmp_path / "file" / "r.json"))  # its folder would be a file
+    assert "--json: cannot create folder" in err and "file" in err
+
+    def full_disk(path, write_fn):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluate, "atomic_write", full_disk)
+    err = _evaluate_fails(capsys, *folders, "--num-classes", "2", "--json", str(tmp_path / "r.json"))
+    assert "--json: cannot write" in err and "No space left" in err
