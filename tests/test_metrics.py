@@ -1,4 +1,6 @@
-"""mIoU from hand-made confusion matrices, including ignore pixels and absent classes."""
+"""mIoU from hand-made confusion matrices, including ignore pixels and absent classes; the
+folder scores and evaluate.py, which refuse with one line what they could only score wrong."""
+import errno
 import json
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import pytest
 from inference.common.evaluation import evaluate_cam_folder, evaluate_label_folder, png_folder_loader
 from inference.common.metrics import ConfusionMatrix
 from inference.common.step_io import save_cams, save_png
+from model_training.common.config import ConfigError
 from tests.conftest import REPO
 
 
@@ -87,6 +90,19 @@ def test_evaluate_cli(tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1 and "nope" in missing.stderr
 
 
+def _evaluate_fails(capsys, *argv) -> str:
+    """evaluate.py's one error line, after checking it exits 2 without a traceback."""
+    from inference import evaluate
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(list(argv))
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "Traceback" not in stderr, stderr
+    return err[0]
+
+
 def test_evaluate_cli_scores_masks_beside_walked_maps_and_names_classes(tmp_path, capsys):
     """A step-5 folder with ``pseudo.save_rw`` holds masks and .npz walks: the masks are scored."""
     from inference import evaluate
@@ -101,9 +117,9 @@ def test_evaluate_cli_scores_masks_beside_walked_maps_and_names_classes(tmp_path
                           "--json", str(out)]) == 0
     assert json.loads(out.read_text())["miou"] == pytest.approx(100.0)
     assert "car" in capsys.readouterr().out
-    assert evaluate.main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"),
-                          "--num-classes", "2", "--class-names", str(tmp_path / "none.txt")]) == 2
-    assert "none.txt" in capsys.readouterr().err
+    assert "none.txt" in _evaluate_fails(capsys, "--pred", str(tmp_path / "pred"), "--gt",
+                                         str(tmp_path / "gt"), "--num-classes", "2",
+                                         "--class-names", str(tmp_path / "none.txt"))
 
 
 def test_precision_and_recall_per_class():
@@ -125,3 +141,170 @@ def test_pixels_labelled_out_of_range_lower_recall_not_precision():
     m = ConfusionMatrix(3)
     m.update(np.array([[1, 200]]), np.array([[1, 1]]))
     assert m.precision()[1] == 1.0 and m.recall()[1] == pytest.approx(1 / 2)
+
+
+def _folders(tmp_path, preds: dict, gts: dict) -> list[str]:
+    """``--pred`` and ``--gt`` folders of the given masks, as evaluate.py arguments."""
+    for folder, masks in (("pred", preds), ("gt", gts)):
+        (tmp_path / folder).mkdir(exist_ok=True)
+        for image_id, mask in masks.items():
+            save_png(tmp_path / folder / f"{image_id}.png", np.asarray(mask, np.uint8))
+    return ["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt")]
+
+
+@pytest.mark.parametrize("pred,gt,where", [
+    ([[0, 2]], [[0, 1]], "pred"),  # --num-classes below a predicted value
+    ([[0, 1]], [[0, 5]], "gt"),    # ... or a ground-truth value: once left out silently
+])
+def test_values_that_are_no_class_are_an_error_naming_the_file(tmp_path, capsys, pred, gt, where):
+    folders = _folders(tmp_path, {"a": pred}, {"a": gt})
+    err = _evaluate_fails(capsys, *folders, "--num-classes", "2")
+    assert str(tmp_path / where / "a.png") in err and "not classes 0..1" in err
+
+
+def test_ignore_and_unsure_values_are_not_classes_but_allowed(tmp_path, capsys):
+    from inference import evaluate
+
+    folders = _folders(tmp_path, {"a": [[0, 1, 255, 7]]}, {"a": [[0, 1, 1, 255]]})
+    assert evaluate.main([*folders, "--num-classes", "2", "--unsure", "7"]) == 0
+    assert '"coverage": 75.0' in capsys.readouterr().out
+
+
+def test_missing_predictions_are_an_error_unless_allowed_then_counted(tmp_path, capsys):
+    from inference import evaluate
+
+    gts = {image_id: [[0, 1]] for image_id in "abcde"}
+    folders = _folders(tmp_path, {"b": [[0, 1]], "d": [[0, 1]]}, gts)
+    err = _evaluate_fails(capsys, *folders, "--num-classes", "2")
+    assert "3 images with ground truth have no .png prediction" in err and "(first: a)" in err
+    assert "--allow-missing" in err
+    assert evaluate.main([*folders, "--num-classes", "2", "--allow-missing"]) == 0
+    out = capsys.readouterr().out
+    assert "mIoU 100.00" in out and "images 2 | missing 3 | skipped 0" in out
+
+
+def test_prediction_without_ground_truth_is_counted_skipped(tmp_path, capsys):
+    from inference import evaluate
+
+    folders = _folders(tmp_path, {"a": [[0, 1]], "extra": [[1, 1]]}, {"a": [[0, 1]]})
+    assert evaluate.main([*folders, "--num-classes", "2"]) == 0
+    assert "images 1 | missing 0 | skipped 1" in capsys.readouterr().out
+
+
+def test_ids_file_scores_one_split_of_a_shared_ground_truth_folder(tmp_path, capsys):
+    """VOC and camvid keep every split's masks in one folder: --ids names the scored one."""
+    from inference import evaluate
+
+    folders = _folders(tmp_path, {"v1": [[0, 1]]}, {"t1": [[1, 1]], "v1": [[0, 1]]})
+    (tmp_path / "val.txt").write_text("v1\n")
+    assert "(first: t1)" in _evaluate_fails(capsys, *folders, "--num-classes", "2")
+    assert evaluate.main([*folders, "--num-classes", "2", "--ids", str(tmp_path / "val.txt")]) == 0
+    assert "images 1 | missing 0 | skipped 0" in capsys.readouterr().out
+    assert "--ids" in _evaluate_fails(capsys, *folders, "--num-classes", "2",
+                                      "--ids", str(tmp_path / "none.txt"))
+
+
+def test_wrong_size_prediction_is_an_error_with_both_sizes(tmp_path, capsys):
+    folders = _folders(tmp_path, {"a": [[0, 1]], "b": [[0, 1, 1]]},
+                       {"a": [[0, 1]], "b": [[0, 1]]})
+    err = _evaluate_fails(capsys, *folders, "--num-classes", "2")
+    assert str(tmp_path / "pred" / "b.png") in err and "(1, 3)" in err and "(1, 2)" in err
+
+
+def test_unreadable_prediction_is_an_error_naming_it(tmp_path, capsys):
+    folders = _folders(tmp_path, {"a": [[0, 1]]}, {"a": [[0, 1]]})
+    (tmp_path / "pred" / "a.png").write_bytes(b"not a png")
+    err = _evaluate_fails(capsys, *folders, "--num-classes", "2")
+    assert f"cannot read {tmp_path / 'pred' / 'a.png'}" in err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--num-classes", "0"], "--num-classes must be at least 2"),
+    (["--num-classes", "1"], "--num-classes must be at least 2"),
+    (["--num-classes", "-2"], "--num-classes must be at least 2"),
+    (["--num-classes", "2", "--unsure", "1"], "--unsure must lie in 2..255"),
+])
+def test_class_counts_that_cannot_be_scored_are_one_line_errors(tmp_path, capsys, flags, message):
+    folders = _folders(tmp_path, {"a": [[0, 0]]}, {"a": [[0, 0]]})
+    assert message in _evaluate_fails(capsys, *folders, *flags)
+
+
+def test_class_names_must_name_every_class(tmp_path, capsys):
+    folders = _folders(tmp_path, {"a": [[0, 1]]}, {"a": [[0, 1]]})
+    (tmp_path / "classes.txt").write_text("background\n")
+    err = _evaluate_fails(capsys, *folders, "--num-classes", "2", "--class-names",
+                          str(tmp_path / "classes.txt"))
+    assert "names 1 classes" in err
+
+
+def test_json_folder_is_created_and_a_folder_refused_before_scoring(tmp_path, capsys):
+    from inference import evaluate
+
+    folders = _folders(tmp_path, {"a": [[0, 1]]}, {"a": [[0, 1]]})
+    out = tmp_path / "new" / "deeper" / "r.json"
+    assert evaluate.main([*folders, "--num-classes", "2", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["images"] == 1
+    capsys.readouterr()
+    err = _evaluate_fails(capsys, *folders, "--num-classes", "2", "--json", str(tmp_path / "new"))
+    assert "--json" in err and "is a folder" in err
+
+
+def test_cam_folder_missing_file_and_foreign_keys(tmp_path):
+    gt = np.zeros((4, 4), np.uint8)
+    cams = np.ones((1, 4, 4), np.float32)
+    for image_id in ("a", "b"):
+        save_png(tmp_path / "gt" / f"{image_id}.png", gt)
+    save_cams(tmp_path / "cams" / "a.npz", [1], cams[:, ::4, ::4], cams)
+    load_gt = png_folder_loader(tmp_path / "gt")
+    with pytest.raises(ConfigError, match=r"1 images with ground truth have no \.npz.*first: b"):
+        evaluate_cam_folder(tmp_path / "cams", load_gt, 2, ["a", "b"])
+    result = evaluate_cam_folder(tmp_path / "cams", load_gt, 2, ["a", "b"], allow_missing=True)
+    assert (result["images"], result["missing"], result["skipped"]) == (1, 1, 0)
+    save_cams(tmp_path / "cams" / "b.npz", [4], cams[:, ::4, ::4], cams)
+    with pytest.raises(ConfigError, match=r"b\.npz \(keys\): values \[4\] are not classes 0\.\.1"):
+        evaluate_cam_folder(tmp_path / "cams", load_gt, 2, ["a", "b"])
+
+
+def test_report_scores_what_a_step_wrote_and_records_what_it_left_out(tmp_path):
+    """Step 5 skipped a bad image: its stage is scored on the rest and says one is missing."""
+    from inference.common import pseudo_mask_step
+    from inference.common.report import score_stages
+    from model_training.common.config import load_config
+    from model_training.common.datasets import build_source
+
+    cfg = load_config(REPO / "configs" / "toy" / "5_irn_inference.yaml",
+                      [f"work_dir={tmp_path}", "dataset.toy.num_train=3", "dataset.toy.num_val=2",
+                       "dataset.toy.image_size=[32,48]"], pseudo_mask_step.DEFAULTS)
+    train, val = build_source(cfg.dataset, "train"), build_source(cfg.dataset, "val")
+    for image_id in train.ids:  # every stage's output is the ground truth itself
+        gt = train.load_mask(image_id)
+        keys = [c for c in np.unique(gt).tolist() if c not in (0, 255)]
+        cams = np.stack([(gt == k).astype(np.float32) for k in keys])
+        save_cams(tmp_path / "2_cams" / f"{image_id}.npz", keys, cams[:, ::4, ::4], cams)
+        save_png(tmp_path / "3_ir_labels" / f"{image_id}.png", gt)
+        if image_id != train.ids[1]:
+            save_png(tmp_path / "5_pseudo_masks" / f"{image_id}.png", gt)
+    for image_id in val.ids:
+        save_png(tmp_path / "7_predictions" / f"{image_id}.png", val.load_mask(image_id))
+    stages = score_stages(cfg, "train", "val")
+    pseudo = stages["pseudo_mask"]
+    assert (pseudo["images"], pseudo["missing"], pseudo["miou"]) == (2, 1, pytest.approx(100.0))
+    assert [(stages[k]["images"], stages[k]["missing"]) for k in ("cam", "ir_label", "segmentation")] \
+        == [(3, 0), (3, 0), (2, 0)]
+
+
+def test_json_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    from inference import evaluate
+
+    folders = _folders(tmp_path, {"a": [[0, 1]]}, {"a": [[0, 1]]})
+    (tmp_path / "file").write_text("")
+    err = _evaluate_fails(capsys, *folders, "--num-classes", "2", "--json",
+                          str(tmp_path / "file" / "r.json"))  # its folder would be a file
+    assert "--json: cannot create folder" in err and "file" in err
+
+    def full_disk(path, write_fn):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(evaluate, "atomic_write", full_disk)
+    err = _evaluate_fails(capsys, *folders, "--num-classes", "2", "--json", str(tmp_path / "r.json"))
+    assert "--json: cannot write" in err and "No space left" in err

@@ -330,3 +330,33 @@ def test_rounds_settings_are_checked(tmp_path):
         train_segmentation(tiny_config(tmp_path, "self_training.rounds=0"))
     with pytest.raises(ConfigError, match="mask_source: pseudo"):
         train_segmentation(tiny_config(tmp_path, "self_training.rounds=2", "mask_source=gt"))
+
+
+def _one_bad_val_mask(monkeypatch) -> str:
+    """The first toy val image gets a mask of the wrong size; returns its id."""
+    from model_training.common.datasets.toy import ToySource
+
+    load_mask = ToySource.load_mask
+    monkeypatch.setattr(ToySource, "load_mask", lambda self, image_id: np.zeros((3, 5), np.uint8)
+                        if self.split == "val" and image_id == self.ids[0] else load_mask(self, image_id))
+    return "val_00000"
+
+
+def test_a_bad_val_mask_is_left_out_before_training(tmp_path, monkeypatch, capsys):
+    """Once a crash in the first validation, after a whole epoch of training."""
+    bad = _one_bad_val_mask(monkeypatch)
+    cfg = tiny_config(tmp_path)
+    val = build_source(cfg.dataset, "val")
+    assert seg.usable_val_ids(val, val.ids) == val.ids[1:]
+    assert f"warning: {bad}: mask of {bad} has shape (3, 5), image (48, 64)" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=rf"val: mask of {bad} has shape \(3, 5\).*on_error=stop"):
+        seg.usable_val_ids(val, val.ids, on_error="stop")
+
+
+def test_training_with_a_bad_val_mask_validates_on_the_rest(tmp_path, monkeypatch):
+    _one_bad_val_mask(monkeypatch)
+    cfg = tiny_config(tmp_path, "mask_source=gt")
+    assert train_segmentation(cfg)["miou"] is not None
+    with pytest.raises(ConfigError, match="on_error=stop"):  # refused before any epoch
+        train_segmentation(tiny_config(tmp_path / "stop", "mask_source=gt", "on_error=stop"))
+    assert not (tmp_path / "stop" / "6_segmentation" / "last.pt").exists()

@@ -1,13 +1,19 @@
 """Settings that can only be found wrong at run time (a weights file that does not fit the
 backbone, a step run before the one that feeds it) end a step's script with one line that
-names the key or folder, and exit code 2, instead of a traceback."""
+names the key or folder, and exit code 2, instead of a traceback. So does a full disk or a
+read-only folder while a step writes its outputs, which a bad image does not."""
+import errno
+import os
+
 import numpy as np
 import pytest
 import torch
 
-from inference.common.step_io import save_png, step_dir
+from inference.common import ir_labels, step_io
+from inference.common.step_io import read_done, run_over_images, save_cams, save_png, step_dir
 from inference.irn_steps import crf_cam_processing, irn_inference, multiscale_cam
 from model_training.cam_generation import train_classifier, train_irn
+from model_training.common.config import StepError
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs" / "toy"
@@ -68,3 +74,46 @@ def test_step4_weights_missing_or_not_fitting(tmp_path, mismatched_weights, caps
                                f"irn.weights={mismatched_weights}")
     assert "'irn.weights'" in err and "does not match" in err
     assert not list(step_dir(tmp_path, 4).glob("*.pt"))
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "/full/disk/out.png")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                  errno.EPERM, errno.EIO])
+def test_machine_error_stops_the_loop_with_one_line(code):
+    def write(image_id):
+        raise OSError(code, os.strerror(code), f"/out/{image_id}.png")
+
+    with pytest.raises(StepError, match=rf"^a: .*/out/a\.png.*\({errno.errorcode[code]}\)"):
+        run_over_images(["a", "b"], write, "test")
+
+
+def test_bad_image_is_still_skipped(capsys):
+    def read(image_id):
+        if image_id == "bad":
+            raise FileNotFoundError(errno.ENOENT, "No such file", "/data/bad.jpg")
+        if image_id == "corrupt":
+            raise OSError("cannot identify image file '/data/corrupt.jpg'")
+
+    assert run_over_images(["bad", "corrupt", "good"], read, "test") == (1, ["bad", "corrupt"])
+    assert "bad.jpg" in capsys.readouterr().err
+
+
+def test_pool_worker_stops_on_a_machine_error():
+    """Step 3's process pool reports a worker's full disk as the in-process loop does."""
+    ir_labels._init_worker(_no_space)
+    with pytest.raises(StepError, match="ENOSPC"):
+        ir_labels._run_one("a")
+
+
+def test_step3_on_a_full_disk_exits_2_and_is_not_marked_done(tmp_path, capsys, monkeypatch):
+    for image_id in ("train_00000", "train_00001"):  # no class: labels without a CRF
+        save_cams(step_dir(tmp_path, 2) / f"{image_id}.npz", [],
+                  np.zeros((0, 8, 12), np.float32), np.zeros((0, 32, 48), np.float32))
+    monkeypatch.setattr(step_io, "save_png", _no_space)
+    err = _fails_with_one_line(crf_cam_processing, "3_crf.yaml", tmp_path, capsys,
+                               "crf.num_workers=1")
+    assert "train_00000" in err and "ENOSPC" in err and "/full/disk/out.png" in err
+    assert read_done(tmp_path / "3_ir_labels") is None

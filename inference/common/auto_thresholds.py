@@ -52,7 +52,7 @@ def best_cam_threshold(cfg, split: str) -> tuple[float, int]:
     ids = list(source.ids)
     ids = ids[:: math.ceil(len(ids) / MAX_IMAGES)] if len(ids) > MAX_IMAGES else ids
     result = evaluate_cam_folder(Path(cfg.work_dir) / STEP_DIRS[2], source.load_mask,
-                                 source.num_classes, ids)
+                                 source.num_classes, ids, allow_missing=True)
     if not result["images"]:
         return IRNET_CAM_THRESHOLD, 0
     return result["threshold"], result["images"]

@@ -2,59 +2,139 @@
 
 Ground truth comes through a ``load_gt(id)`` callable so the same code scores a folder of
 PNGs (the CLI) and a generated dataset with no files on disk (toy, inside the pipeline).
+
+A score never leaves out what it cannot score without saying so: an image with ground truth
+but no prediction is an error (or, with ``allow_missing``, counted as ``missing``), one
+without ground truth is counted as ``skipped``, and a file of the wrong size or with values
+that are not classes is an error naming it.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 from tqdm import tqdm
 
+from model_training.common.config import ConfigError
+
 from .metrics import IGNORE_INDEX, ConfusionMatrix
-from .step_io import load_cams, load_png, report_failure
+from .step_io import first_line, load_cams, load_png
 
 DEFAULT_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
 
 MaskLoader = Callable[[str], "np.ndarray | None"]
+Loaded = TypeVar("Loaded")
+
+
+class PngFolder:
+    """Ground truth ``<folder>/<id>.png`` (None where there is none); errors name the file."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+
+    def path(self, image_id: str) -> Path:
+        return self.folder / f"{image_id}.png"
+
+    def __call__(self, image_id: str) -> np.ndarray | None:
+        path = self.path(image_id)
+        return load_png(path) if path.is_file() else None
 
 
 def png_folder_loader(folder) -> MaskLoader:
-    folder = Path(folder)
+    return PngFolder(folder)
 
-    def load(image_id: str):
-        path = folder / f"{image_id}.png"
-        return load_png(path) if path.is_file() else None
 
-    return load
+def ids_in_folders(pred_dir, suffix: str, gt_dir) -> list[str]:
+    """Every id with a prediction ``<id><suffix>`` or a ground truth ``<id>.png``: what the
+    CLI scores without a split list, so neither a missing prediction nor a prediction
+    without ground truth goes unseen."""
+    names = {p.stem for p in Path(pred_dir).glob(f"*{suffix}")}
+    return sorted(names | {p.stem for p in Path(gt_dir).glob("*.png")})
+
+
+def _gt_name(load_gt: MaskLoader, image_id: str) -> str:
+    return str(load_gt.path(image_id)) if isinstance(load_gt, PngFolder) else \
+        f"ground truth of {image_id}"
+
+
+def _read(name: str, load: Callable[[], Loaded]) -> Loaded:
+    try:
+        return load()
+    except Exception as err:  # noqa: BLE001 - readers raise many types for a corrupt file
+        raise ConfigError(f"cannot read {name}: {first_line(err)}") from None
+
+
+def _check_classes(values: np.ndarray, num_classes: int, name: str,
+                   allowed: Sequence[int] = (IGNORE_INDEX,)) -> None:
+    """Values that are no class would be dropped from the ground truth or counted wrong in a
+    prediction, unseen: the sign of a wrong ``num_classes`` or a file of another dataset."""
+    foreign = (values < 0) | (values >= num_classes)
+    foreign &= ~np.isin(values, list(allowed))
+    if foreign.any():
+        shown = np.unique(values[foreign])[:5].tolist()
+        also = f" nor {' / '.join(map(str, allowed))}" if len(allowed) else ""
+        raise ConfigError(f"{name}: values {shown} are not classes 0..{num_classes - 1} "
+                          f"(num_classes {num_classes}){also}")
+
+
+def _check_size(name: str, size: tuple, gt: np.ndarray) -> None:
+    if tuple(size) != gt.shape:
+        raise ConfigError(f"{name}: size {tuple(size)} but its ground truth is {gt.shape}")
+
+
+def _ground_truth(load_gt: MaskLoader, image_id: str, num_classes: int) -> np.ndarray | None:
+    name = _gt_name(load_gt, image_id)
+    gt = _read(name, lambda: load_gt(image_id))
+    if gt is not None:
+        _check_classes(gt, num_classes, name)
+    return gt
+
+
+def _without_prediction(ids: list[str], folder: Path, suffix: str, load_gt: MaskLoader,
+                        allow_missing: bool) -> tuple[int, int]:
+    """(missing, skipped) among the ids with no ``<id><suffix>``: missing where the image has
+    ground truth, which is an error unless ``allow_missing`` (a score of the rest would read
+    as the whole split's), skipped where it has none."""
+    missing, skipped = [], 0
+    for image_id in ids:
+        if (folder / f"{image_id}{suffix}").is_file():
+            continue
+        if _read(_gt_name(load_gt, image_id), lambda: load_gt(image_id)) is None:
+            skipped += 1
+        else:
+            missing.append(image_id)
+    if missing and not allow_missing:
+        raise ConfigError(f"{len(missing)} images with ground truth have no {suffix} prediction "
+                          f"in {folder} (first: {missing[0]}); --allow-missing scores the rest")
+    return len(missing), skipped
 
 
 def evaluate_label_folder(pred_dir, load_gt: MaskLoader, num_classes: int,
                           ids: Iterable[str] | None = None, unsure_label: int | None = None,
-                          class_names: Sequence[str] | None = None) -> dict:
-    """mIoU of ``<id>.png`` predictions. With ``unsure_label`` (255 for IR labels) those pixels
-    are left out and the share of the rest is returned as ``coverage`` (percent)."""
+                          class_names: Sequence[str] | None = None,
+                          allow_missing: bool = False) -> dict:
+    """mIoU of ``<id>.png`` predictions of ``ids`` (default: those present). With
+    ``unsure_label`` (255 for IR labels) those pixels are left out and the share of the rest
+    is returned as ``coverage`` (percent). Also returns how many images were scored,
+    ``missing`` and ``skipped`` (see the module docstring)."""
     pred_dir = Path(pred_dir)
     ids = sorted(p.stem for p in pred_dir.glob("*.png")) if ids is None else list(ids)
+    missing, skipped = _without_prediction(ids, pred_dir, ".png", load_gt, allow_missing)
+    allowed = (IGNORE_INDEX,) if unsure_label is None else (IGNORE_INDEX, unsure_label)
     matrix = ConfusionMatrix(num_classes)
     confident = total = scored = 0
-    missing: list[str] = []
     for image_id in tqdm(ids, desc=f"eval {pred_dir.name}", unit="img", dynamic_ncols=True):
         pred_path = pred_dir / f"{image_id}.png"
-        gt = load_gt(image_id)
-        if gt is None:
-            continue
         if not pred_path.is_file():
-            missing.append(image_id)
+            continue  # counted above
+        gt = _ground_truth(load_gt, image_id, num_classes)
+        if gt is None:
+            skipped += 1
             continue
-        try:
-            pred = load_png(pred_path)
-            if pred.shape != gt.shape:
-                raise ValueError(f"prediction {pred.shape} and ground truth {gt.shape} differ in size")
-        except Exception as err:  # noqa: BLE001 - a bad file is reported, the rest still count
-            report_failure(image_id, err)
-            missing.append(image_id)
-            continue
+        pred = _read(str(pred_path), lambda: load_png(pred_path))
+        _check_size(str(pred_path), pred.shape, gt)
+        _check_classes(pred, num_classes, str(pred_path), allowed)
         if unsure_label is not None:
             keep = pred != unsure_label
             confident += int(keep.sum())
@@ -63,7 +143,7 @@ def evaluate_label_folder(pred_dir, load_gt: MaskLoader, num_classes: int,
         matrix.update(pred, gt)
         scored += 1
     result = matrix.summary(list(class_names) if class_names else None)
-    result.update({"images": scored, "missing": len(missing)})
+    result.update({"images": scored, "missing": missing, "skipped": skipped})
     if unsure_label is not None:
         result["coverage"] = round(100.0 * confident / total, 4) if total else None
     return result
@@ -72,25 +152,27 @@ def evaluate_label_folder(pred_dir, load_gt: MaskLoader, num_classes: int,
 def evaluate_cam_folder(cam_dir, load_gt: MaskLoader, num_classes: int,
                         ids: Iterable[str] | None = None,
                         thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-                        class_names: Sequence[str] | None = None) -> dict:
-    """Sweep the background threshold over ``high_res`` CAMs; report the best (as eval_cam)."""
+                        class_names: Sequence[str] | None = None,
+                        allow_missing: bool = False) -> dict:
+    """Sweep the background threshold over ``high_res`` CAMs of ``ids`` (default: those
+    present); report the best (as eval_cam) and the images scored, missing and skipped."""
     cam_dir = Path(cam_dir)
     ids = sorted(p.stem for p in cam_dir.glob("*.npz")) if ids is None else list(ids)
+    missing, skipped = _without_prediction(ids, cam_dir, ".npz", load_gt, allow_missing)
     matrices = [ConfusionMatrix(num_classes) for _ in thresholds]
     scored = 0
     for image_id in tqdm(ids, desc=f"eval {cam_dir.name}", unit="img", dynamic_ncols=True):
-        gt = load_gt(image_id)
         path = cam_dir / f"{image_id}.npz"
-        if gt is None or not path.is_file():
+        if not path.is_file():
+            continue  # counted above
+        gt = _ground_truth(load_gt, image_id, num_classes)
+        if gt is None:
+            skipped += 1
             continue
-        try:
-            data = load_cams(path)
-            cams, keys = data["high_res"], data["keys"]
-            if cams.shape[1:] != gt.shape:
-                raise ValueError(f"CAM size {cams.shape[1:]} and ground truth {gt.shape} differ")
-        except Exception as err:  # noqa: BLE001
-            report_failure(image_id, err)
-            continue
+        data = _read(str(path), lambda: load_cams(path))
+        cams, keys = data["high_res"], data["keys"]
+        _check_size(str(path), cams.shape[1:], gt)
+        _check_classes(keys, num_classes, f"{path} (keys)", allowed=())
         fg_max = cams.max(axis=0) if len(keys) else np.zeros(gt.shape, np.float32)
         fg_label = keys[cams.argmax(axis=0)] if len(keys) else np.zeros(gt.shape, np.int64)
         for threshold, matrix in zip(thresholds, matrices):
@@ -100,7 +182,8 @@ def evaluate_cam_folder(cam_dir, load_gt: MaskLoader, num_classes: int,
     best = max(range(len(thresholds)), key=lambda i: -1 if sweep[float(thresholds[i])] is None
                else sweep[float(thresholds[i])])
     result = matrices[best].summary(list(class_names) if class_names else None)
-    result.update({"threshold": float(thresholds[best]), "sweep": sweep, "images": scored})
+    result.update({"threshold": float(thresholds[best]), "sweep": sweep, "images": scored,
+                   "missing": missing, "skipped": skipped})
     return result
 
 
@@ -118,7 +201,7 @@ def format_table(result: dict, title: str = "") -> str:
     extras = [f"mIoU {result['miou']:.2f}" if result.get("miou") is not None else "mIoU -"]
     if result.get("pixel_accuracy") is not None:
         extras.append(f"pixel acc {result['pixel_accuracy']:.2f}")
-    for key in ("threshold", "coverage", "images", "missing"):
+    for key in ("threshold", "coverage", "images", "missing", "skipped"):
         if result.get(key) is not None:
             extras.append(f"{key} {result[key]}")
     lines.append("  " + " | ".join(extras))

@@ -96,6 +96,7 @@ def _run_one(image_id: str) -> tuple[str, bool]:
     try:
         _worker_fn(image_id)
     except Exception as error:  # noqa: BLE001 - one bad image must not end the step
+        step_io.stop_on_machine_error(image_id, error)
         step_io.report_failure(image_id, error)
         return image_id, False
     return image_id, True
@@ -114,7 +115,8 @@ def run_pool(
     `worker_fn` must pickle (a module-level function or a functools.partial of one):
     processes are spawned, so the pool is also safe after torch/CUDA are initialised.
     `num_workers` None = CPU count. A failing image is reported as one line
-    `warning: <id>: <error>` and skipped; `on_error="stop"` ends the run at the first one.
+    `warning: <id>: <error>` and skipped; `on_error="stop"` ends the run at the first one,
+    and so does a full disk or read-only folder (`step_io.stop_on_machine_error`).
     """
     ids = list(ids)
     if num_workers is None:

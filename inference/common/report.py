@@ -22,25 +22,28 @@ STAGE_TITLES = {"cam": "CAM", "ir_label": "IR", "pseudo_mask": "pseudo", "segmen
 
 def _stage(result: dict, **extra) -> dict:
     per_class = ("per_class_iou", "per_class_precision", "per_class_recall")
-    return {"miou": result["miou"], **extra, **{key: result[key] for key in per_class}}
+    return {"miou": result["miou"], "images": result["images"], "missing": result["missing"],
+            **extra, **{key: result[key] for key in per_class}}
 
 
 def score_stages(cfg, train_split: str, val_split: str) -> dict:
     """mIoU and per-class IoU of each stage that has ground truth: CAM/IR/pseudo on train,
-    predictions on val, and the ground-truth bound when its predictions exist."""
+    predictions on val, and the ground-truth bound when its predictions exist. Images a step
+    left out (a bad image it skipped) are not scored: each stage records how many were
+    ``missing`` beside the ``images`` scored."""
     work_dir = Path(cfg.work_dir)
     train = build_source(cfg.dataset, train_split)
     stages: dict = {}
     if train.has_masks:
         n, names = train.num_classes, train.class_names
         cams = evaluate_cam_folder(work_dir / STEP_DIRS[2], train.load_mask, n, train.ids,
-                                   class_names=names)
+                                   class_names=names, allow_missing=True)
         stages["cam"] = _stage(cams, threshold=cams["threshold"])
         ir = evaluate_label_folder(work_dir / STEP_DIRS[3], train.load_mask, n, train.ids,
-                                   unsure_label=255, class_names=names)
+                                   unsure_label=255, class_names=names, allow_missing=True)
         stages["ir_label"] = _stage(ir, coverage=ir["coverage"])
         pseudo = evaluate_label_folder(work_dir / STEP_DIRS[5], train.load_mask, n, train.ids,
-                                       class_names=names)
+                                       class_names=names, allow_missing=True)
         stages["pseudo_mask"] = _stage(pseudo)
     val = build_source(cfg.dataset, val_split)
     if val.has_masks:
@@ -48,7 +51,7 @@ def score_stages(cfg, train_split: str, val_split: str) -> dict:
             if key == "gt_bound" and not (folder / STEP_DIRS[7]).is_dir():
                 continue
             seg = evaluate_label_folder(folder / STEP_DIRS[7], val.load_mask, val.num_classes,
-                                        val.ids, class_names=val.class_names)
+                                        val.ids, class_names=val.class_names, allow_missing=True)
             stages[key] = _stage(seg, split=val_split)
     if "segmentation" in stages and "gt_bound" in stages and stages["gt_bound"]["miou"]:
         ratio = stages["segmentation"]["miou"] / stages["gt_bound"]["miou"]

@@ -5,6 +5,7 @@ step never leaves a truncated output and a re-run can trust whatever exists.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from model_training.common.config import ConfigError, parse_shard
+from model_training.common.config import ConfigError, StepError, parse_shard
 from model_training.common.distributed import rank, world_size
 
 STEP_DIRS = {
@@ -134,18 +135,37 @@ def shard_ids(ids: Iterable[str], shard: str | None) -> list[str]:
     return list(ids)[index::count]
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message cut to one line (its type where it has none)."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
 def report_failure(image_id: str, error: BaseException) -> None:
     """One line per bad image, so a long run's log stays readable."""
-    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    message = first_line(error)
     tqdm.write(f"warning: {image_id}: {message}", file=sys.stderr)
+
+
+# What the machine, not the image, answers: a full disk or quota, a read-only or forbidden
+# folder, a failing device. Every later image would fail the same way.
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM,
+                            errno.EIO})
+
+
+def stop_on_machine_error(image_id: str, error: BaseException) -> None:
+    """Raise StepError (exit 2, no done.json) for an OSError of the machine: skipping it as
+    a bad image would finish the step with its outputs missing and mark it done."""
+    if isinstance(error, OSError) and error.errno in MACHINE_ERRNOS:
+        raise StepError(f"{image_id}: {error} ({errno.errorcode[error.errno]}): "
+                        f"stopped, the step is not marked done") from error
 
 
 def run_over_images(items: Iterable, fn: Callable[..., object], desc: str,
                     on_error: str = "skip") -> tuple[int, list[str]]:
     """Call ``fn(item)`` for each item under a progress bar; a failing image is reported and
-    skipped (``on_error="stop"`` re-raises after reporting). An item is an image id, or a
-    sequence that starts with one (a DataLoader's ``(id, image, ...)``). Returns (number
-    done, failed ids)."""
+    skipped (``on_error="stop"`` re-raises after reporting), a failing machine stops the
+    step (``stop_on_machine_error``). An item is an image id, or a sequence that starts
+    with one (a DataLoader's ``(id, image, ...)``). Returns (number done, failed ids)."""
     done, failed = 0, []
     items = items if hasattr(items, "__len__") else list(items)
     for item in tqdm(items, desc=desc, unit="img", dynamic_ncols=True):
@@ -156,6 +176,7 @@ def run_over_images(items: Iterable, fn: Callable[..., object], desc: str,
         except (KeyboardInterrupt, SystemExit):
             raise
         except Exception as err:  # noqa: BLE001 - one bad image must not end the step
+            stop_on_machine_error(image_id, err)
             report_failure(image_id, err)
             failed.append(image_id)
             if on_error == "stop":

@@ -292,6 +292,26 @@ def full_size_logits(model: nn.Module, image: torch.Tensor, input_long_side: int
     return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
 
 
+def usable_val_ids(source: ImageSource, ids: Sequence[str], on_error: str = "skip") -> list[str]:
+    """The val ids whose image and mask load and fit each other, checked once before
+    training: a bad val mask would otherwise end the run in the first validation, after a
+    whole epoch. A bad one is reported and left out (``on_error`` stop: a one-line error)."""
+    pairs = SegmentationDataset(source, None, transform=None)
+    usable = []
+    for image_id in ids:
+        try:
+            pairs.load_pair(image_id)
+        except ImageLoadError as err:
+            if on_error == "stop":
+                raise ConfigError(f"val: {_first_line(err)} (on_error=stop)") from None
+            report_failure(image_id, err)
+            continue
+        usable.append(image_id)
+    if ids and not usable:
+        raise ConfigError(f"none of the {len(ids)} val images of '{source.name}' has a usable mask")
+    return usable
+
+
 @torch.inference_mode()
 def evaluate(model: nn.Module, source: ImageSource, ids: Sequence[str],
              input_long_side: int | None, on_error: str = "skip") -> dict:
@@ -424,7 +444,8 @@ def _fit_round(cfg: Mapping, device: torch.device, out_dir: Path, mask_dir: Path
 
     validate_fn = None
     if val_source.has_masks:
-        val_ids = val_source.ids[: cfg["val"]["max_images"] or None]
+        val_ids = usable_val_ids(val_source, val_source.ids[: cfg["val"]["max_images"] or None],
+                                 cfg["on_error"])
 
         def validate_fn(net: nn.Module) -> dict:
             return evaluate(net, val_source, val_ids, data["input_long_side"], cfg["on_error"])
