@@ -70,6 +70,7 @@ def test_parse_step_args_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize("override, needle", [
     ("crf.conf_fg_thress=0.3", "crf.conf_fg_thress"),
     ("dataset.root=/no/such/folder", "dataset.root"),
+    ("crf.iterations=0", "key 'crf.iterations' must be >= 1, got 0"),
 ])
 def test_step_script_exits_2_with_one_line(tmp_path, override, needle):
     """A real entry point: a misspelt key or a missing dataset root, before any work starts."""
@@ -85,3 +86,42 @@ def test_step_script_exits_2_with_one_line(tmp_path, override, needle):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def step_defaults():
+    """Two real steps' keys: the training section and step 3's thresholds (some take auto)."""
+    from inference.common.cam_step import DEFAULTS as CAM_DEFAULTS
+    from inference.common.ir_label_step import DEFAULTS as CRF_DEFAULTS
+    from model_training.common.config import merge_defaults
+    from model_training.common.trainer import TRAIN_DEFAULTS
+
+    return merge_defaults(TRAIN_DEFAULTS, CAM_DEFAULTS, CRF_DEFAULTS)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=0", "key 'train.epochs' must be >= 1, got 0"),
+    ("train.epochs=-1", "key 'train.epochs' must be >= 1, got -1"),
+    ("train.batch_size=0", "key 'train.batch_size' must be >= 1, got 0"),
+    ("num_workers=-1", "key 'num_workers' must be >= 0, got -1"),
+    ("crf.num_workers=-1", "key 'crf.num_workers' must be >= 0, got -1"),
+    ("train.lr=0", "key 'train.lr' must be > 0, got 0.0"),
+    ("crf.conf_fg_thres=1.5", "key 'crf.conf_fg_thres' must be in [0, 1], got 1.5"),
+    ("crf.gt_prob=1", "key 'crf.gt_prob' must be in (0, 1), got 1.0"),
+    ("cam.scales=[1.0,-0.5]", "key 'cam.scales' must be > 0, got -0.5"),
+    ("dataset.toy.num_train=0", "key 'dataset.toy.num_train' must be >= 1, got 0"),
+])
+def test_out_of_range_values_name_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override], step_defaults())
+    assert str(err.value) == message
+
+
+def test_range_checks_in_a_file_keep_bounds_and_auto(tmp_path):
+    step = write(tmp_path / "step.yaml", {"train": {"epochs": 1}, "num_workers": 0,
+                                          "crf": {"conf_bg_thres": 0.0, "conf_fg_thres": "auto"}})
+    cfg = load_config(step, [], step_defaults())
+    assert cfg.train.epochs == 1 and cfg.num_workers == 0
+    assert cfg.crf.conf_bg_thres == 0.0 and cfg.crf.conf_fg_thres == "auto"
+    step = write(tmp_path / "step.yaml", {"train": {"batch_size": 0}})
+    with pytest.raises(ConfigError, match=r"'train.batch_size' must be >= 1, got 0"):
+        load_config(step, [], step_defaults())

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import yaml
 
@@ -53,6 +55,77 @@ class AutoFloat(float):
 
 
 AUTO = "auto"
+
+
+class Range(NamedTuple):
+    """The values a number key allows; an open end excludes its bound."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return (f"in {'(' if self.open_low else '['}{self.low:g}, "
+                f"{self.high:g}{')' if self.open_high else ']'}")
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, open_low=True)
+FRACTION = Range(0, 1)
+
+# Allowed values of every number key, by dotted name ("*" matches anything); a list key has
+# each item checked. Checked when a config loads, so a value that would train nothing or
+# stack-trace later stops the step first.
+RANGES: dict[str, Range] = {
+    "*seed": NON_NEGATIVE,
+    "*num_workers": NON_NEGATIVE,
+    "dataset.toy.num_*": AT_LEAST_1,
+    "train.epochs": AT_LEAST_1,
+    "*.batch_size": AT_LEAST_1,
+    "train.lr": POSITIVE,
+    "*lr_mult": POSITIVE,
+    "train.momentum": FRACTION,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.poly_power": NON_NEGATIVE,
+    "train.step_epochs": AT_LEAST_1,
+    "train.step_gamma": POSITIVE,
+    "train.grad_clip": NON_NEGATIVE,
+    "train.val_every": AT_LEAST_1,
+    "data.resize_long": AT_LEAST_1,
+    "data.scale_range": POSITIVE,
+    "data.crop_size": NON_NEGATIVE,  # 0: no crop (step 1); steps 4 and 6 need one and say so
+    "data.color_jitter": NON_NEGATIVE,
+    "data.repeat_threshold": FRACTION,
+    "*input_long_side": AT_LEAST_1,
+    "*scales": POSITIVE,
+    "loss.max_pos_weight": POSITIVE,
+    "loss.negative_weight": NON_NEGATIVE,
+    "loss.class_weights": NON_NEGATIVE,
+    "val.threshold": FRACTION,
+    "val.max_images": NON_NEGATIVE,
+    "cam.threshold": FRACTION,
+    "*_thres": FRACTION,
+    "*gt_prob": Range(0, 1, open_low=True, open_high=True),  # the CRF takes log(p), log(1 - p)
+    "*iterations": AT_LEAST_1,
+    "crf.*_sxy": POSITIVE,
+    "crf.bilateral_srgb": POSITIVE,
+    "crf.*_compat": NON_NEGATIVE,
+    "*radius": AT_LEAST_1,
+    "pseudo.beta": POSITIVE,
+    "pseudo.exp_times": NON_NEGATIVE,
+    "pseudo.bg_power": POSITIVE,
+    "self_training.rounds": AT_LEAST_1,
+    "self_training.min_probability": Range(0, 1, open_high=True),
+}
 
 
 class StepError(Exception):
@@ -139,6 +212,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _number(key: str, value: Any, also: str = "") -> int | float:
+    """``value`` itself, where it is a number (not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"key '{key}' must be a number{also}, got {value!r}")
+    return value
+
+
 def _check_type(key: str, value: Any, default: Any) -> Any:
     """Accept ``value`` where ``default`` says what type the key holds; ints widen to floats."""
     if default is None or value is None:
@@ -150,10 +230,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"key '{key}' must be true or false, got {value!r}")
         return value
     if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            also = " or auto" if isinstance(default, AutoFloat) else ""
-            raise ConfigError(f"key '{key}' must be a number{also}, got {value!r}")
-        return float(value)
+        also = " or auto" if isinstance(default, AutoFloat) else ""
+        return float(_number(key, value, also))
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"key '{key}' must be an integer, got {value!r}")
@@ -185,8 +263,21 @@ def _validate(values: Mapping, defaults: Mapping, prefix: str, source: str) -> d
                 raise ConfigError(f"key '{dotted}' must be a mapping, got {value!r}")
             checked[key] = _validate(value, default, dotted + ".", source)
         else:
-            checked[key] = _check_type(dotted, value, default)
+            checked[key] = _check_range(dotted, _check_type(dotted, value, default), default)
     return checked
+
+
+def _check_range(key: str, value: Any, default: Any) -> Any:
+    """``value`` (each item of a list) within the key's RANGES entry, if it has one."""
+    allowed = next((r for pattern, r in RANGES.items() if fnmatchcase(key, pattern)), None)
+    if allowed is None or value is None or (isinstance(default, AutoFloat) and value == AUTO):
+        return value
+    items = value if isinstance(value, list) else [value]
+    numbers = [_number(key, item) for item in items]
+    for item, number in zip(items, numbers):
+        if number not in allowed:
+            raise ConfigError(f"key '{key}' must be {allowed}, got {item!r}")
+    return numbers if isinstance(value, list) else numbers[0]
 
 
 def _set_dotted(target: dict, key: str, value: Any) -> None:
