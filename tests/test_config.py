@@ -125,3 +125,16 @@ def test_range_checks_in_a_file_keep_bounds_and_auto(tmp_path):
     step = write(tmp_path / "step.yaml", {"train": {"batch_size": 0}})
     with pytest.raises(ConfigError, match=r"'train.batch_size' must be >= 1, got 0"):
         load_config(step, [], step_defaults())
+
+
+def test_exponent_numbers_yaml_reads_as_text_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as a string, in a file and on the command line alike."""
+    step = tmp_path / "step.yaml"
+    step.write_text("train:\n  lr: 1e-3\n  weight_decay: 5e-4\n")
+    cfg = load_config(step, ["cam.scales=[1e0,2]"], step_defaults())
+    assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 0.0005
+    assert cfg.cam.scales == [1.0, 2]
+    assert load_config(None, ["train.lr=1e-3"], step_defaults()).train.lr == 0.001
+    for text in ("1e-3x", "nan", "inf"):
+        with pytest.raises(ConfigError, match=f"key 'train.lr' must be a number, got '{text}'"):
+            load_config(None, [f"train.lr={text}"], step_defaults())

@@ -213,10 +213,18 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def _number(key: str, value: Any, also: str = "") -> int | float:
-    """``value`` itself, where it is a number (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """``value`` as a number. YAML 1.1 reads ``1e-3`` as text, so a string that spells a
+    finite number counts as that number."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    valid = isinstance(number, (int, float)) and not isinstance(number, bool)
+    if not valid or (isinstance(value, str) and not math.isfinite(number)):
         raise ConfigError(f"key '{key}' must be a number{also}, got {value!r}")
-    return value
+    return number
 
 
 def _check_type(key: str, value: Any, default: Any) -> Any:
