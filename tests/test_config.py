@@ -138,3 +138,9 @@ def test_exponent_numbers_yaml_reads_as_text_are_numbers(tmp_path):
     for text in ("1e-3x", "nan", "inf"):
         with pytest.raises(ConfigError, match=f"key 'train.lr' must be a number, got '{text}'"):
             load_config(None, [f"train.lr={text}"], step_defaults())
+
+
+def test_unknown_dataset_name_comes_before_its_root():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["dataset.name=vox"], STEP_DEFAULTS)
+    assert str(err.value) == "key 'dataset.name': unknown dataset 'vox' (known: toy, voc, lid)"

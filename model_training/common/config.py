@@ -315,7 +315,10 @@ def load_config(
 
 def check_paths(cfg: Mapping) -> None:
     """Files a config points at must exist before a step starts."""
+    from .datasets import check_dataset_name  # the datasets package imports this module
+
     dataset = cfg.get("dataset", {})
+    check_dataset_name(dataset.get("name"))
     if dataset.get("name") != "toy":
         root = dataset.get("root")
         if not root:
