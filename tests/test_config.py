@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import yaml
 
@@ -144,3 +146,29 @@ def test_unknown_dataset_name_comes_before_its_root():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["dataset.name=vox"], STEP_DEFAULTS)
     assert str(err.value) == "key 'dataset.name': unknown dataset 'vox' (known: toy, voc, lid)"
+
+
+@pytest.mark.parametrize("work_dir", ["null", "''"])
+def test_work_dir_must_be_set(work_dir):
+    with pytest.raises(ConfigError, match="key 'work_dir' must be set"):
+        load_config(None, [f"work_dir={work_dir}"], STEP_DEFAULTS)
+
+
+def test_work_dir_that_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("")
+    for work_dir in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"work_dir={work_dir}"], STEP_DEFAULTS)
+        assert str(err.value) == f"key 'work_dir': {tmp_path / 'taken'} is a file, not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to any folder")
+def test_work_dir_in_a_read_only_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"work_dir={locked / 'run'}"], STEP_DEFAULTS)
+    finally:
+        locked.chmod(0o700)
+    assert str(err.value) == f"key 'work_dir': folder {locked} is not writable"

@@ -314,9 +314,10 @@ def load_config(
 
 
 def check_paths(cfg: Mapping) -> None:
-    """Files a config points at must exist before a step starts."""
+    """Files a config points at must exist, and its work_dir take outputs, before a step starts."""
     from .datasets import check_dataset_name  # the datasets package imports this module
 
+    check_work_dir(cfg.get("work_dir"))
     dataset = cfg.get("dataset", {})
     check_dataset_name(dataset.get("name"))
     if dataset.get("name") != "toy":
@@ -328,6 +329,19 @@ def check_paths(cfg: Mapping) -> None:
     labels_file = dataset.get("labels_file")
     if labels_file and not Path(labels_file).is_file():
         raise ConfigError(f"key 'dataset.labels_file': file does not exist: {labels_file}")
+
+
+def check_work_dir(work_dir: str | None) -> None:
+    """A step writes under work_dir: a file in its place, or a folder this user may not write
+    to, would stop the step only after its work, so neither gets past loading the config."""
+    if not work_dir:
+        raise ConfigError("key 'work_dir' must be set")
+    path = Path(work_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.exists(p))
+    if not existing.is_dir():
+        raise ConfigError(f"key 'work_dir': {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"key 'work_dir': folder {existing} is not writable")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
