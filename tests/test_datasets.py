@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model_training.common.config import ConfigError, Config
+from model_training.common.config import ConfigError, Config, load_config
 from model_training.common.datasets import build_source, labels_to_vector
 from model_training.common.datasets.base import ImageLoadError
 from model_training.common.transforms import build_transform
@@ -59,6 +59,22 @@ def test_corrupt_image_names_file(tmp_path):
     src = build_source(Config(name="voc", root=str(tmp_path)), "train")
     with pytest.raises(ImageLoadError, match="a.jpg"):
         src.load_image("a")
+
+
+def test_voc_without_classes_txt_is_an_error_unless_told(tmp_path):
+    make_voc(tmp_path)
+    (tmp_path / "classes.txt").unlink()
+    with pytest.raises(ConfigError, match=f"class list not found: {tmp_path / 'classes.txt'}"):
+        build_source(Config(name="voc", root=str(tmp_path), classes=""), "train")
+    named = build_source(Config(name="voc", root=str(tmp_path), class_names=["bg", "a", "b"]),
+                         "train")
+    assert named.class_names == ["bg", "a", "b"]
+    cfg = load_config(None, [f"dataset={json.dumps({'name': 'voc', 'root': str(tmp_path)})}",
+                             "dataset.classes=voc"])
+    voc = build_source(cfg.dataset, "train")
+    assert voc.num_classes == 21 and voc.class_names[-1] == "tvmonitor"
+    with pytest.raises(ConfigError, match="key 'dataset.classes' must be voc or empty, got 'coco'"):
+        build_source(Config(name="voc", root=str(tmp_path), classes="coco"), "train")
 
 
 def test_camvid_reads_unchanged(camvid_root):

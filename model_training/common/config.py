@@ -33,6 +33,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
         "name": "toy",
         "root": None,
         "class_names": None,
+        # voc: a VOC-style folder without classes.txt has the 21 VOC 2012 classes (else an error)
+        "classes": "",
         "train_split": "train",
         "val_split": "val",
         "test_split": "test",

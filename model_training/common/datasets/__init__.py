@@ -28,7 +28,7 @@ def build_source(dataset_cfg, split: str) -> ImageSource:
         if name == "voc":
             from .voc import VOCSource
             return VOCSource(dataset_cfg["root"], split, dataset_cfg.get("class_names"),
-                             dataset_cfg.get("labels_file"))
+                             dataset_cfg.get("labels_file"), classes=dataset_cfg.get("classes", ""))
         if name == "lid":
             from .lid import LIDSource
             return LIDSource(dataset_cfg["root"], split, dataset_cfg.get("class_names"),

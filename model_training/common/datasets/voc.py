@@ -18,13 +18,21 @@ VOC2012_CLASSES = [
 ]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
-def read_class_names(root: Path, configured: list[str] | None) -> list[str]:
+def read_class_names(root: Path, configured: list[str] | None, classes: str = "") -> list[str]:
+    """The config's names, else VOC 2012's where ``dataset.classes`` is voc, else classes.txt:
+    a folder without it is an error, not quietly a 21-class VOC model."""
     if configured:
         return list(configured)
+    if classes == "voc":
+        return list(VOC2012_CLASSES)
+    if classes:
+        raise ValueError(f"key 'dataset.classes' must be voc or empty, got {classes!r}")
     path = root / "classes.txt"
-    if path.is_file():
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return list(VOC2012_CLASSES)
+    if not path.is_file():
+        raise FileNotFoundError(f"class list not found: {path} (or set dataset.class_names, "
+                                f"or dataset.classes: voc for the VOC 2012 names)")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
 
 def read_id_list(path: Path) -> list[str]:
     """Image ids, one a line (further columns ignored), as in VOC's ImageSets."""
@@ -41,11 +49,11 @@ class VOCSource(FolderSource):
     """One split of a VOC-style folder; labels from cls_labels.json or derived from masks."""
 
     def __init__(self, root, split: str, class_names: list[str] | None = None,
-                 labels_file: str | None = None, name: str = "voc"):
+                 labels_file: str | None = None, name: str = "voc", classes: str = ""):
         self.root = Path(root)
         self.name = name
         self.split = split
-        self.class_names = read_class_names(self.root, class_names)
+        self.class_names = read_class_names(self.root, class_names, classes)
         self.ids = read_split_ids(self.root, split)
         self.mask_dir = self.root / "SegmentationClass"
         self.has_masks = self.mask_dir.is_dir() and all(
