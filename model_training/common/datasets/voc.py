@@ -6,10 +6,10 @@ optional classes.txt (one name a line, background first).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .base import FolderSource, ImageLoadError, labels_from_mask
+from .base import (FolderSource, ImageLoadError, check_label_ids, json_kind, labels_from_mask,
+                   read_json)
 
 VOC2012_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -65,13 +65,15 @@ class VOCSource(FolderSource):
                 f"no image-level labels for split '{split}': {labels_path} is missing "
                 f"and {self.mask_dir} has no masks to derive them from")
 
-    @staticmethod
-    def _read_labels(path: Path) -> dict[str, list[int]]:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read labels file {path}: {err}") from None
-        return {str(k): [int(c) for c in v] for k, v in data.items()}
+    def _read_labels(self, path: Path) -> dict[str, list[int]]:
+        """``{"<id>": [class ids]}``, every list checked against the classes."""
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"labels file {path} must hold an object of image ids to lists of "
+                             f"class ids, not {json_kind(data)}")
+        return {str(image_id): check_label_ids(labels, self.num_classes,
+                                               f"labels file {path}: image '{image_id}'")
+                for image_id, labels in data.items()}
 
     def image_path(self, image_id: str) -> Path:
         for suffix in IMAGE_SUFFIXES:
