@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import yaml
 
@@ -70,6 +72,7 @@ def test_parse_step_args_exits_2(tmp_path, capsys):
 @pytest.mark.parametrize("override, needle", [
     ("crf.conf_fg_thress=0.3", "crf.conf_fg_thress"),
     ("dataset.root=/no/such/folder", "dataset.root"),
+    ("crf.iterations=0", "key 'crf.iterations' must be >= 1, got 0"),
 ])
 def test_step_script_exits_2_with_one_line(tmp_path, override, needle):
     """A real entry point: a misspelt key or a missing dataset root, before any work starts."""
@@ -85,3 +88,87 @@ def test_step_script_exits_2_with_one_line(tmp_path, override, needle):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def step_defaults():
+    """Two real steps' keys: the training section and step 3's thresholds (some take auto)."""
+    from inference.common.cam_step import DEFAULTS as CAM_DEFAULTS
+    from inference.common.ir_label_step import DEFAULTS as CRF_DEFAULTS
+    from model_training.common.config import merge_defaults
+    from model_training.common.trainer import TRAIN_DEFAULTS
+
+    return merge_defaults(TRAIN_DEFAULTS, CAM_DEFAULTS, CRF_DEFAULTS)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=0", "key 'train.epochs' must be >= 1, got 0"),
+    ("train.epochs=-1", "key 'train.epochs' must be >= 1, got -1"),
+    ("train.batch_size=0", "key 'train.batch_size' must be >= 1, got 0"),
+    ("num_workers=-1", "key 'num_workers' must be >= 0, got -1"),
+    ("crf.num_workers=-1", "key 'crf.num_workers' must be >= 0, got -1"),
+    ("train.lr=0", "key 'train.lr' must be > 0, got 0.0"),
+    ("crf.conf_fg_thres=1.5", "key 'crf.conf_fg_thres' must be in [0, 1], got 1.5"),
+    ("crf.gt_prob=1", "key 'crf.gt_prob' must be in (0, 1), got 1.0"),
+    ("cam.scales=[1.0,-0.5]", "key 'cam.scales' must be > 0, got -0.5"),
+    ("dataset.toy.num_train=0", "key 'dataset.toy.num_train' must be >= 1, got 0"),
+])
+def test_out_of_range_values_name_key_value_and_range(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override], step_defaults())
+    assert str(err.value) == message
+
+
+def test_range_checks_in_a_file_keep_bounds_and_auto(tmp_path):
+    step = write(tmp_path / "step.yaml", {"train": {"epochs": 1}, "num_workers": 0,
+                                          "crf": {"conf_bg_thres": 0.0, "conf_fg_thres": "auto"}})
+    cfg = load_config(step, [], step_defaults())
+    assert cfg.train.epochs == 1 and cfg.num_workers == 0
+    assert cfg.crf.conf_bg_thres == 0.0 and cfg.crf.conf_fg_thres == "auto"
+    step = write(tmp_path / "step.yaml", {"train": {"batch_size": 0}})
+    with pytest.raises(ConfigError, match=r"'train.batch_size' must be >= 1, got 0"):
+        load_config(step, [], step_defaults())
+
+
+def test_exponent_numbers_yaml_reads_as_text_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 (no dot) as a string, in a file and on the command line alike."""
+    step = tmp_path / "step.yaml"
+    step.write_text("train:\n  lr: 1e-3\n  weight_decay: 5e-4\n")
+    cfg = load_config(step, ["cam.scales=[1e0,2]"], step_defaults())
+    assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 0.0005
+    assert cfg.cam.scales == [1.0, 2]
+    assert load_config(None, ["train.lr=1e-3"], step_defaults()).train.lr == 0.001
+    for text in ("1e-3x", "nan", "inf"):
+        with pytest.raises(ConfigError, match=f"key 'train.lr' must be a number, got '{text}'"):
+            load_config(None, [f"train.lr={text}"], step_defaults())
+
+
+def test_unknown_dataset_name_comes_before_its_root():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["dataset.name=vox"], STEP_DEFAULTS)
+    assert str(err.value) == "key 'dataset.name': unknown dataset 'vox' (known: toy, voc, lid)"
+
+
+@pytest.mark.parametrize("work_dir", ["null", "''"])
+def test_work_dir_must_be_set(work_dir):
+    with pytest.raises(ConfigError, match="key 'work_dir' must be set"):
+        load_config(None, [f"work_dir={work_dir}"], STEP_DEFAULTS)
+
+
+def test_work_dir_that_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("")
+    for work_dir in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"work_dir={work_dir}"], STEP_DEFAULTS)
+        assert str(err.value) == f"key 'work_dir': {tmp_path / 'taken'} is a file, not a folder"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write to any folder")
+def test_work_dir_in_a_read_only_folder(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [f"work_dir={locked / 'run'}"], STEP_DEFAULTS)
+    finally:
+        locked.chmod(0o700)
+    assert str(err.value) == f"key 'work_dir': folder {locked} is not writable"

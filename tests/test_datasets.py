@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from model_training.common.config import ConfigError, Config
+from model_training.common.config import ConfigError, Config, load_config
 from model_training.common.datasets import build_source, labels_to_vector
 from model_training.common.datasets.base import ImageLoadError
 from model_training.common.transforms import build_transform
@@ -61,6 +61,39 @@ def test_corrupt_image_names_file(tmp_path):
         src.load_image("a")
 
 
+def test_voc_without_classes_txt_is_an_error_unless_told(tmp_path):
+    make_voc(tmp_path)
+    (tmp_path / "classes.txt").unlink()
+    with pytest.raises(ConfigError, match=f"class list not found: {tmp_path / 'classes.txt'}"):
+        build_source(Config(name="voc", root=str(tmp_path), classes=""), "train")
+    named = build_source(Config(name="voc", root=str(tmp_path), class_names=["bg", "a", "b"]),
+                         "train")
+    assert named.class_names == ["bg", "a", "b"]
+    cfg = load_config(None, [f"dataset={json.dumps({'name': 'voc', 'root': str(tmp_path)})}",
+                             "dataset.classes=voc"])
+    voc = build_source(cfg.dataset, "train")
+    assert voc.num_classes == 21 and voc.class_names[-1] == "tvmonitor"
+    with pytest.raises(ConfigError, match="key 'dataset.classes' must be voc or empty, got 'coco'"):
+        build_source(Config(name="voc", root=str(tmp_path), classes="coco"), "train")
+
+
+@pytest.mark.parametrize("labels, message", [
+    ({"a": [1], "b": [9]}, "image 'b': class id 9 out of range 0..2"),
+    ({"a": [-1]}, "image 'a': class id -1 out of range 0..2"),
+    ({"a": [2.7]}, "image 'a': class id 2.7 is not an integer"),
+    ({"a": 1}, "image 'a': labels must be a list of class ids, got 1"),
+    ([["a", [1]]], "must hold an object of image ids to lists of class ids, not a list"),
+    (3, "must hold an object of image ids to lists of class ids, not a number"),
+    (None, "must hold an object of image ids to lists of class ids, not null"),
+])
+def test_voc_bad_labels_name_file_image_and_value(tmp_path, labels, message):
+    make_voc(tmp_path)
+    (tmp_path / "cls_labels.json").write_text(json.dumps(labels))
+    with pytest.raises(ConfigError) as err:
+        build_source(Config(name="voc", root=str(tmp_path)), "train")
+    assert str(tmp_path / "cls_labels.json") in str(err.value) and str(err.value).endswith(message)
+
+
 def test_camvid_reads_unchanged(camvid_root):
     src = build_source(Config(name="voc", root=str(camvid_root)), "train")
     assert src.num_classes == 7 and len(src.ids) == 1468
@@ -93,6 +126,20 @@ def test_lid_unknown_class_name_is_config_error(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps([["x.JPEG", ["banjo"]]]))
     with pytest.raises(ConfigError, match="banjo"):
         build_source(Config(name="lid", root=str(tmp_path)), "train")
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([["Data/x.JPEG", [9]]], "image 'x': class id 9 out of range 0..1"),
+    ([["Data/x.JPEG", [1.5]]], "image 'x': class id 1.5 is not an integer"),
+    ([["Data/x.JPEG", 1]], "entry ['Data/x.JPEG', 1] is not a [path, [labels]] pair"),
+    ({"x": [1]}, "must hold a list of [path, [labels]] pairs, not an object"),
+])
+def test_lid_bad_labels_name_file_image_and_value(tmp_path, entries, message):
+    (tmp_path / "classes.txt").write_text("background\nn001 accordion\n")
+    (tmp_path / "train.json").write_text(json.dumps(entries))
+    with pytest.raises(ConfigError) as err:
+        build_source(Config(name="lid", root=str(tmp_path)), "train")
+    assert str(tmp_path / "train.json") in str(err.value) and str(err.value).endswith(message)
 
 
 def test_labels_to_vector_over_outputs():

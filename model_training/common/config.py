@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
+from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import yaml
 
@@ -31,6 +33,8 @@ COMMON_DEFAULTS: dict[str, Any] = {
         "name": "toy",
         "root": None,
         "class_names": None,
+        # voc: a VOC-style folder without classes.txt has the 21 VOC 2012 classes (else an error)
+        "classes": "",
         "train_split": "train",
         "val_split": "val",
         "test_split": "test",
@@ -53,6 +57,77 @@ class AutoFloat(float):
 
 
 AUTO = "auto"
+
+
+class Range(NamedTuple):
+    """The values a number key allows; an open end excludes its bound."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+    open_high: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.open_low else '>='} {self.low:g}"
+        return (f"in {'(' if self.open_low else '['}{self.low:g}, "
+                f"{self.high:g}{')' if self.open_high else ']'}")
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, open_low=True)
+FRACTION = Range(0, 1)
+
+# Allowed values of every number key, by dotted name ("*" matches anything); a list key has
+# each item checked. Checked when a config loads, so a value that would train nothing or
+# stack-trace later stops the step first.
+RANGES: dict[str, Range] = {
+    "*seed": NON_NEGATIVE,
+    "*num_workers": NON_NEGATIVE,
+    "dataset.toy.num_*": AT_LEAST_1,
+    "train.epochs": AT_LEAST_1,
+    "*.batch_size": AT_LEAST_1,
+    "train.lr": POSITIVE,
+    "*lr_mult": POSITIVE,
+    "train.momentum": FRACTION,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.poly_power": NON_NEGATIVE,
+    "train.step_epochs": AT_LEAST_1,
+    "train.step_gamma": POSITIVE,
+    "train.grad_clip": NON_NEGATIVE,
+    "train.val_every": AT_LEAST_1,
+    "data.resize_long": AT_LEAST_1,
+    "data.scale_range": POSITIVE,
+    "data.crop_size": NON_NEGATIVE,  # 0: no crop (step 1); steps 4 and 6 need one and say so
+    "data.color_jitter": NON_NEGATIVE,
+    "data.repeat_threshold": FRACTION,
+    "*input_long_side": AT_LEAST_1,
+    "*scales": POSITIVE,
+    "loss.max_pos_weight": POSITIVE,
+    "loss.negative_weight": NON_NEGATIVE,
+    "loss.class_weights": NON_NEGATIVE,
+    "val.threshold": FRACTION,
+    "val.max_images": NON_NEGATIVE,
+    "cam.threshold": FRACTION,
+    "*_thres": FRACTION,
+    "*gt_prob": Range(0, 1, open_low=True, open_high=True),  # the CRF takes log(p), log(1 - p)
+    "*iterations": AT_LEAST_1,
+    "crf.*_sxy": POSITIVE,
+    "crf.bilateral_srgb": POSITIVE,
+    "crf.*_compat": NON_NEGATIVE,
+    "*radius": AT_LEAST_1,
+    "pseudo.beta": POSITIVE,
+    "pseudo.exp_times": NON_NEGATIVE,
+    "pseudo.bg_power": POSITIVE,
+    "self_training.rounds": AT_LEAST_1,
+    "self_training.min_probability": Range(0, 1, open_high=True),
+}
 
 
 class StepError(Exception):
@@ -139,6 +214,21 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _number(key: str, value: Any, also: str = "") -> int | float:
+    """``value`` as a number. YAML 1.1 reads ``1e-3`` as text, so a string that spells a
+    finite number counts as that number."""
+    number = value
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    valid = isinstance(number, (int, float)) and not isinstance(number, bool)
+    if not valid or (isinstance(value, str) and not math.isfinite(number)):
+        raise ConfigError(f"key '{key}' must be a number{also}, got {value!r}")
+    return number
+
+
 def _check_type(key: str, value: Any, default: Any) -> Any:
     """Accept ``value`` where ``default`` says what type the key holds; ints widen to floats."""
     if default is None or value is None:
@@ -150,10 +240,8 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
             raise ConfigError(f"key '{key}' must be true or false, got {value!r}")
         return value
     if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            also = " or auto" if isinstance(default, AutoFloat) else ""
-            raise ConfigError(f"key '{key}' must be a number{also}, got {value!r}")
-        return float(value)
+        also = " or auto" if isinstance(default, AutoFloat) else ""
+        return float(_number(key, value, also))
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"key '{key}' must be an integer, got {value!r}")
@@ -185,8 +273,21 @@ def _validate(values: Mapping, defaults: Mapping, prefix: str, source: str) -> d
                 raise ConfigError(f"key '{dotted}' must be a mapping, got {value!r}")
             checked[key] = _validate(value, default, dotted + ".", source)
         else:
-            checked[key] = _check_type(dotted, value, default)
+            checked[key] = _check_range(dotted, _check_type(dotted, value, default), default)
     return checked
+
+
+def _check_range(key: str, value: Any, default: Any) -> Any:
+    """``value`` (each item of a list) within the key's RANGES entry, if it has one."""
+    allowed = next((r for pattern, r in RANGES.items() if fnmatchcase(key, pattern)), None)
+    if allowed is None or value is None or (isinstance(default, AutoFloat) and value == AUTO):
+        return value
+    items = value if isinstance(value, list) else [value]
+    numbers = [_number(key, item) for item in items]
+    for item, number in zip(items, numbers):
+        if number not in allowed:
+            raise ConfigError(f"key '{key}' must be {allowed}, got {item!r}")
+    return numbers if isinstance(value, list) else numbers[0]
 
 
 def _set_dotted(target: dict, key: str, value: Any) -> None:
@@ -215,8 +316,12 @@ def load_config(
 
 
 def check_paths(cfg: Mapping) -> None:
-    """Files a config points at must exist before a step starts."""
+    """Files a config points at must exist, and its work_dir take outputs, before a step starts."""
+    from .datasets import check_dataset_name  # the datasets package imports this module
+
+    check_work_dir(cfg.get("work_dir"))
     dataset = cfg.get("dataset", {})
+    check_dataset_name(dataset.get("name"))
     if dataset.get("name") != "toy":
         root = dataset.get("root")
         if not root:
@@ -226,6 +331,19 @@ def check_paths(cfg: Mapping) -> None:
     labels_file = dataset.get("labels_file")
     if labels_file and not Path(labels_file).is_file():
         raise ConfigError(f"key 'dataset.labels_file': file does not exist: {labels_file}")
+
+
+def check_work_dir(work_dir: str | None) -> None:
+    """A step writes under work_dir: a file in its place, or a folder this user may not write
+    to, would stop the step only after its work, so neither gets past loading the config."""
+    if not work_dir:
+        raise ConfigError("key 'work_dir' must be set")
+    path = Path(work_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if os.path.exists(p))
+    if not existing.is_dir():
+        raise ConfigError(f"key 'work_dir': {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"key 'work_dir': folder {existing} is not writable")
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

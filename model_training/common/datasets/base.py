@@ -5,8 +5,9 @@ transforms they need, so adding a dataset means writing one source class.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -88,6 +89,37 @@ def labels_from_mask(mask: np.ndarray, num_classes: int) -> list[int]:
     """Image-level labels of a mask: its foreground classes (as IRNet derives VOC's)."""
     present = np.unique(mask)
     return [int(c) for c in present if 0 < c < num_classes]
+
+
+def read_json(path: Path) -> Any:
+    """A labels file's JSON; an unreadable one is a ValueError naming the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"cannot read labels file {path}: {err}") from None
+
+
+def json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words, for errors about a file's shape."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    kinds = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
+    return kinds[type(value)]
+
+
+def check_label_ids(labels: Any, num_classes: int, where: str) -> list[int]:
+    """One image's class ids from a labels file, all integers in [0, num_classes): an id out
+    of range or a fraction would otherwise be dropped or truncated without a word."""
+    if not isinstance(labels, list):
+        raise ValueError(f"{where}: labels must be a list of class ids, got {labels!r}")
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, int):
+            raise ValueError(f"{where}: class id {label!r} is not an integer")
+        if not 0 <= label < num_classes:
+            raise ValueError(f"{where}: class id {label} out of range 0..{num_classes - 1}")
+    return labels
 
 
 def labels_to_vector(class_ids: Iterable[int], output_class_ids: Sequence[int]) -> np.ndarray:

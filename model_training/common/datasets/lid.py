@@ -7,11 +7,10 @@ after the image.
 """
 from __future__ import annotations
 
-import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .base import FolderSource
+from .base import FolderSource, check_label_ids, json_kind, read_json
 
 IMAGE_SUFFIXES = (".JPEG", ".jpg", ".jpeg", ".png")
 
@@ -24,21 +23,33 @@ def _class_index(class_names: list[str]) -> dict[str, int]:
         index.setdefault(line, i)
     return index
 
-def read_json_list(path: Path, class_index: dict[str, int]) -> dict[str, tuple[str, list[int]]]:
-    """``[[path, [labels]]]`` -> {id: (path, class ids)}; an unknown class name is an error."""
-    entries = json.loads(path.read_text())
+def read_json_list(path: Path, class_index: dict[str, int],
+                   num_classes: int) -> dict[str, tuple[str, list[int]]]:
+    """``[[path, [labels]]]`` -> {id: (path, class ids)}; an unknown class name, an id out
+    of range or an entry of another shape is an error naming the file and the image."""
+    entries = read_json(path)
+    if not isinstance(entries, list):
+        raise ValueError(f"labels file {path} must hold a list of [path, [labels]] pairs, "
+                         f"not {json_kind(entries)}")
     out: dict[str, tuple[str, list[int]]] = {}
-    for rel_path, labels in entries:
-        ids = []
-        for label in labels:
-            if isinstance(label, int):
-                ids.append(label)
-            elif label in class_index:
-                ids.append(class_index[label])
-            else:
-                raise ValueError(f"unknown class name {label!r} for {rel_path} in {path}")
+    for entry in entries:
+        pair = isinstance(entry, list) and len(entry) == 2
+        if not (pair and isinstance(entry[0], str) and isinstance(entry[1], list)):
+            raise ValueError(f"labels file {path}: entry {entry!r} is not a [path, [labels]] pair")
+        rel_path, labels = entry
+        where = f"labels file {path}: image '{Path(rel_path).stem}'"
+        ids = check_label_ids([_class_id(label, class_index, where) for label in labels],
+                              num_classes, where)
         out[Path(rel_path).stem] = (rel_path, sorted(set(ids)))
     return out
+
+def _class_id(label, class_index: dict[str, int], where: str):
+    """A label given by name as its id; any other label is left for check_label_ids."""
+    if not isinstance(label, str):
+        return label
+    if label not in class_index:
+        raise ValueError(f"{where}: unknown class name {label!r}")
+    return class_index[label]
 
 def read_det_xml(path: Path, class_index: dict[str, int]) -> list[int]:
     """Class ids of the objects in one DET annotation (unknown WordNet ids are skipped)."""
@@ -67,7 +78,7 @@ class LIDSource(FolderSource):
         labels_path = Path(labels_file) if labels_file else self.root / f"{split}.json"
         ann_dir = self.root / "Annotations" / split
         if labels_path.is_file():
-            self._entries = read_json_list(labels_path, index)
+            self._entries = read_json_list(labels_path, index, len(self.class_names))
         elif ann_dir.is_dir():
             for xml in sorted(ann_dir.rglob("*.xml")):
                 rel = xml.relative_to(ann_dir).with_suffix("")

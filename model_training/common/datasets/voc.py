@@ -6,10 +6,10 @@ optional classes.txt (one name a line, background first).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from .base import FolderSource, ImageLoadError, labels_from_mask
+from .base import (FolderSource, ImageLoadError, check_label_ids, json_kind, labels_from_mask,
+                   read_json)
 
 VOC2012_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -18,13 +18,21 @@ VOC2012_CLASSES = [
 ]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
-def read_class_names(root: Path, configured: list[str] | None) -> list[str]:
+def read_class_names(root: Path, configured: list[str] | None, classes: str = "") -> list[str]:
+    """The config's names, else VOC 2012's where ``dataset.classes`` is voc, else classes.txt:
+    a folder without it is an error, not quietly a 21-class VOC model."""
     if configured:
         return list(configured)
+    if classes == "voc":
+        return list(VOC2012_CLASSES)
+    if classes:
+        raise ValueError(f"key 'dataset.classes' must be voc or empty, got {classes!r}")
     path = root / "classes.txt"
-    if path.is_file():
-        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    return list(VOC2012_CLASSES)
+    if not path.is_file():
+        raise FileNotFoundError(f"class list not found: {path} (or set dataset.class_names, "
+                                f"or dataset.classes: voc for the VOC 2012 names)")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
 
 def read_id_list(path: Path) -> list[str]:
     """Image ids, one a line (further columns ignored), as in VOC's ImageSets."""
@@ -41,11 +49,11 @@ class VOCSource(FolderSource):
     """One split of a VOC-style folder; labels from cls_labels.json or derived from masks."""
 
     def __init__(self, root, split: str, class_names: list[str] | None = None,
-                 labels_file: str | None = None, name: str = "voc"):
+                 labels_file: str | None = None, name: str = "voc", classes: str = ""):
         self.root = Path(root)
         self.name = name
         self.split = split
-        self.class_names = read_class_names(self.root, class_names)
+        self.class_names = read_class_names(self.root, class_names, classes)
         self.ids = read_split_ids(self.root, split)
         self.mask_dir = self.root / "SegmentationClass"
         self.has_masks = self.mask_dir.is_dir() and all(
@@ -57,13 +65,15 @@ class VOCSource(FolderSource):
                 f"no image-level labels for split '{split}': {labels_path} is missing "
                 f"and {self.mask_dir} has no masks to derive them from")
 
-    @staticmethod
-    def _read_labels(path: Path) -> dict[str, list[int]]:
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"cannot read labels file {path}: {err}") from None
-        return {str(k): [int(c) for c in v] for k, v in data.items()}
+    def _read_labels(self, path: Path) -> dict[str, list[int]]:
+        """``{"<id>": [class ids]}``, every list checked against the classes."""
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"labels file {path} must hold an object of image ids to lists of "
+                             f"class ids, not {json_kind(data)}")
+        return {str(image_id): check_label_ids(labels, self.num_classes,
+                                               f"labels file {path}: image '{image_id}'")
+                for image_id, labels in data.items()}
 
     def image_path(self, image_id: str) -> Path:
         for suffix in IMAGE_SUFFIXES:
