@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from model_training.common.config import ConfigError, merge_defaults
+from model_training.common.config import ConfigError, StepError, merge_defaults
 from model_training.common.trainer import (TRAIN_DEFAULTS, LRSchedule, Trainer, build_optimizer,
                                            check_resume, flatten_metrics, seed_everything)
 
@@ -107,3 +107,12 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
                       step_fn=lambda net, b: {"loss": net(b[0]).sum() * math.nan})
     with pytest.raises(FloatingPointError, match="train.lr"):
         trainer.fit()
+
+
+def test_resume_from_a_truncated_last_pt_is_one_line(tmp_path):
+    _train(tmp_path, epochs=1)
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(StepError, match=f"^{last}: not a checkpoint this toolkit wrote, or "
+                                        f"truncated: start this step over with overwrite=true$"):
+        _train(tmp_path, epochs=2, resume=True)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from inference.common.step_io import atomic_write, clear_done, mark_done, shard_ids, step_dir
-from model_training.common.config import ConfigError, save_config
+from model_training.common.config import ConfigError, StepError, save_config
 from model_training.common.datasets import build_source
 
 SUBMIT_DIR = Path(__file__).resolve().parent / "submit"
@@ -76,7 +76,8 @@ def run(cfg) -> dict:
         command.append("--overwrite")
     result = subprocess.run(command)
     if result.returncode != 0:
-        raise RuntimeError(f"generate_predictions.py exited with code {result.returncode}")
+        raise StepError(f"generate_predictions.py exited with code {result.returncode} "
+                        f"(its own message is above)")
     mine = shard_ids(source.ids, cfg.shard)
     summary = {"written": sum((out_dir / f"{i}.png").is_file() for i in mine),
                "split": source.split,
