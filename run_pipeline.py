@@ -22,8 +22,9 @@ from inference.common.report import (GT_BOUND_DIR, build_report, format_report, 
                                      write_report)
 from inference.common.step_io import STEP_DIRS, read_done
 from inference.segmentation.predict_step import predicted_split
-from model_training.common.config import (COMMON_DEFAULTS, ConfigError, exit_on_config_error,
-                                          load_config, merge_defaults, parse_override)
+from model_training.common.config import (COMMON_DEFAULTS, ConfigError, StepError,
+                                          exit_on_config_error, load_config, merge_defaults,
+                                          parse_override)
 from model_training.common.datasets import build_source
 
 # (step, config file, module with the DEFAULTS and the function the step's script calls)
@@ -67,7 +68,10 @@ def load_step_configs(config_dir: Path, overrides: list[str]) -> list[tuple[int,
 
 
 def run_steps(step_configs, label: str = "") -> dict:
-    """Run the unfinished steps in order; returns seconds per step (a skipped step's own time)."""
+    """Run the unfinished steps in order; returns seconds per step (a skipped step's own time).
+
+    A StepError of a step comes out with the step's folder in front (``[2_cams] ...``), so
+    the one line the pipeline prints says which of the seven steps stopped."""
     seconds = {}
     for step, run_step, cfg in step_configs:
         name = STEP_DIRS[step]
@@ -79,7 +83,10 @@ def run_steps(step_configs, label: str = "") -> dict:
             continue
         print(f"[{shown}] running")
         start = time.time()
-        run_step(cfg)
+        try:
+            run_step(cfg)
+        except StepError as err:
+            raise StepError(f"[{shown}] {err}") from None
         seconds[name] = round(time.time() - start, 2)
     return seconds
 
@@ -90,7 +97,8 @@ def run_gt_bound(config_dir: Path, overrides: list[str], work_dir) -> float:
     bound_overrides = [*overrides, f"work_dir={Path(work_dir) / GT_BOUND_DIR}", "mask_source=gt",
                        "self_training.rounds=1"]
     step_configs = exit_on_config_error(load_step_configs, config_dir, bound_overrides)
-    seconds = run_steps([s for s in step_configs if s[0] in (6, 7)], label=GT_BOUND_DIR)
+    seconds = exit_on_config_error(run_steps, [s for s in step_configs if s[0] in (6, 7)],
+                                   label=GT_BOUND_DIR)
     return round(sum(seconds.values()), 2)
 
 
@@ -102,7 +110,7 @@ def main(argv=None) -> dict:
                         help="also train step 6 on ground-truth masks (same config) and score it")
     args = parser.parse_args(argv)
     step_configs = exit_on_config_error(load_step_configs, args.config_dir, args.overrides)
-    seconds = run_steps(step_configs)
+    seconds = exit_on_config_error(run_steps, step_configs)
     cfg = step_configs[-1][2]
     if args.gt_bound:
         seconds[GT_BOUND_DIR] = run_gt_bound(args.config_dir, args.overrides, cfg.work_dir)

@@ -1,6 +1,6 @@
 """Settings that can only be found wrong at run time (a weights file that does not fit the
 backbone, a step run before the one that feeds it, a checkpoint file that is not one) end a
-step's script with one line that names the key or file, and exit code 2,
+step's script, or the pipeline, with one line that names the key or file, and exit code 2,
 instead of a traceback."""
 import importlib
 
@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+import run_pipeline
 from inference.common.step_io import mark_done, save_png, step_dir
 from inference.irn_steps import crf_cam_processing, irn_inference, multiscale_cam
 from inference.segmentation import predict
 from model_training.cam_generation import train_classifier, train_irn
 from model_training.cam_generation.irn_training import load_irnet
 from model_training.common.checkpoints import read_checkpoint
-from model_training.common.config import StepError
+from model_training.common.config import Config, ConfigError, StepError
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs" / "toy"
@@ -151,3 +152,32 @@ def test_step7_exported_model_of_garbage(tmp_path, capfd):
         f"error: {exported / 'model.pt'}: not a checkpoint step 6 exported, or truncated",
         "error: generate_predictions.py exited with code 1 (its own message is above)"]
     assert "Traceback" not in err
+
+
+def _raises(error):
+    def step(cfg):
+        raise error
+    return step
+
+
+def test_pipeline_puts_the_step_folder_before_a_step_error(tmp_path):
+    cfg = Config(work_dir=str(tmp_path), overwrite=False)
+    with pytest.raises(StepError, match=r"^\[3_ir_labels\] 2_cams is empty: run step 2 first$"):
+        run_pipeline.run_steps([(3, _raises(ConfigError("2_cams is empty: run step 2 first")),
+                                 cfg)])
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        run_pipeline.run_steps([(3, _raises(ZeroDivisionError()), cfg)])
+
+
+def test_pipeline_exits_2_with_one_line_and_no_report(tmp_path, capsys):
+    mark_done(step_dir(tmp_path, 1), {"seconds": 1.0})
+    best = step_dir(tmp_path, 1) / "best.pt"
+    _spoil(best, "random bytes")
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline.main([str(CONFIGS), f"work_dir={tmp_path}", *TINY_TOY])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: [2_cams] {best}: not a checkpoint this toolkit wrote, or truncated: "
+        f"re-run step 1 with overwrite=true"]
+    assert "Traceback" not in err and "report" not in out
