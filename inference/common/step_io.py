@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from inference.common.progress import progress
 from model_training.common.config import ConfigError, parse_shard
 from model_training.common.distributed import rank, world_size
 
@@ -144,7 +145,7 @@ def run_over_images(items: Iterable, fn: Callable[..., object], desc: str,
     done, failed ids)."""
     done, failed = 0, []
     items = items if hasattr(items, "__len__") else list(items)
-    for item in tqdm(items, desc=desc, unit="img", dynamic_ncols=True):
+    for item in progress(items, desc, unit="img"):
         image_id = item if isinstance(item, str) else item[0]
         try:
             fn(item)

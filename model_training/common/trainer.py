@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from inference.common.progress import progress
 from inference.common.step_io import atomic_write, clear_done
 
 from .checkpoints import read_checkpoint
@@ -379,8 +380,8 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         num_batches = max(1, len(self.loader))
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False,
-                   dynamic_ncols=True, disable=not self.is_main)
+        bar = progress(self.loader, f"epoch {self.epoch + 1}/{self.epochs}", leave=False,
+                       disable=not self.is_main)
         for index, batch in enumerate(bar):
             self.schedule.apply(self.optimizer, self.epoch + index / num_batches)
             logs = self._train_step(move_to(batch, self.device))

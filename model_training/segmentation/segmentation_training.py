@@ -22,9 +22,9 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from inference.common.metrics import IGNORE_INDEX, ConfusionMatrix
+from inference.common.progress import progress
 from inference.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done, pending_ids,
                                       read_done, report_failure, run_over_images, save_png,
                                       step_dir)
@@ -303,7 +303,7 @@ def evaluate(model: nn.Module, source: ImageSource, ids: Sequence[str],
     """
     device = next(model.parameters()).device
     matrix = ConfusionMatrix(source.num_classes)
-    for image_id in tqdm(ids, desc="val", unit="img", leave=False, dynamic_ncols=True):
+    for image_id in progress(ids, "val", unit="img", leave=False):
         try:
             image, mask = source.load_image(image_id), source.load_mask(image_id)
         except ImageLoadError as err:
