@@ -105,6 +105,13 @@ def test_unreadable_checkpoint_is_one_line_without_unsafe_advice(tmp_path, how):
                                 f"re-run step 1 with overwrite=true")
 
 
+def test_missing_checkpoint_says_which_step_writes_it(tmp_path):
+    path = tmp_path / "best.pt"
+    with pytest.raises(StepError) as error:
+        read_checkpoint(path, "re-run step 6 with overwrite=true")
+    assert str(error.value) == f"checkpoint not found: {path}: re-run step 6 with overwrite=true"
+
+
 def test_step2_classifier_checkpoint_of_garbage(tmp_path, capsys):
     best = step_dir(tmp_path, 1) / "best.pt"
     _spoil(best, "random bytes")
