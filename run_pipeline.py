@@ -26,8 +26,9 @@ from inference.common.report import (GT_BOUND_DIR, build_report, format_report, 
                                      write_report)
 from inference.common.step_io import STEP_DIRS, read_done
 from inference.segmentation.predict_step import predicted_split
-from model_training.common.config import (COMMON_DEFAULTS, ConfigError, exit_on_config_error,
-                                          load_config, merge_defaults, parse_override)
+from model_training.common.config import (COMMON_DEFAULTS, ConfigError, StepError,
+                                          exit_on_config_error, load_config, merge_defaults,
+                                          parse_override)
 from model_training.common.datasets import build_source
 
 # (step, config file, module with the DEFAULTS, ``step_inputs`` and the function the step's
@@ -75,7 +76,10 @@ def load_step_configs(config_dir: Path, overrides: list[str]) -> list[tuple]:
 def run_steps(step_configs, label: str = "") -> dict:
     """Run, in order, the steps not finished by the same recipe (``provenance``); one whose
     folder holds another recipe's outputs is a ConfigError unless ``overwrite``. Returns
-    seconds per step (a skipped step's own time)."""
+    seconds per step (a skipped step's own time).
+
+    A StepError of a step comes out with the step's folder in front (``[2_cams] ...``), so
+    the one line the pipeline prints says which of the seven steps stopped."""
     seconds = {}
     for step, run_step, cfg, step_inputs in step_configs:
         name = STEP_DIRS[step]
@@ -91,7 +95,10 @@ def run_steps(step_configs, label: str = "") -> dict:
             raise ConfigError(stale_message(folder, reasons))
         print(f"[{shown}] running" + (f" again: {reasons[0]}" if reasons else ""))
         start = time.time()
-        run_step(cfg)
+        try:
+            run_step(cfg)
+        except StepError as err:
+            raise StepError(f"[{shown}] {err}") from None
         seconds[name] = round(time.time() - start, 2)
     return seconds
 
@@ -119,7 +126,8 @@ def main(argv=None) -> dict:
     cfg = step_configs[-1][2]
     if args.gt_bound:
         seconds[GT_BOUND_DIR] = run_gt_bound(args.config_dir, args.overrides, cfg.work_dir)
-    stages = score_stages(cfg, step_configs[1][2].cam.split, predicted_split(cfg))
+    stages = exit_on_config_error(score_stages, cfg, step_configs[1][2].cam.split,
+                                  predicted_split(cfg))
     report = build_report(cfg, stages, seconds)
     write_report(report, cfg.work_dir)
     print(format_report(report))

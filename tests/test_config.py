@@ -1,4 +1,6 @@
+import importlib
 import os
+import re
 
 import pytest
 import yaml
@@ -67,6 +69,42 @@ def test_parse_step_args_exits_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.nope" in err
+
+
+def test_shard_flag_only_for_inference_steps(tmp_path, capsys):
+    step = write(tmp_path / "step.yaml", {})
+    argv = ["--config", str(step), "--shard", "1/2"]
+    assert parse_step_args(STEP_DEFAULTS, "test", argv, shardable=True).shard == "1/2"
+    with pytest.raises(SystemExit) as exit_info:
+        parse_step_args(STEP_DEFAULTS, "test", argv)
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --shard" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("step, script, section", [
+    (1, "model_training.cam_generation.train_classifier", "model: backbone="),
+    (2, "inference.irn_steps.multiscale_cam", "cam: split="),
+    (3, "inference.irn_steps.crf_cam_processing", "crf: split="),
+    (4, "model_training.cam_generation.train_irn", "irn: split="),
+    (5, "inference.irn_steps.irn_inference", "pseudo: split="),
+    (6, "model_training.segmentation.train_segmentation", "self_training: rounds="),
+    (7, "inference.segmentation.predict", "submit: split="),
+])
+def test_each_step_help_is_its_own(step, script, section, capsys):
+    """What the step does, its own toy config as the example, its keys, --shard where it
+    splits images."""
+    from tests.conftest import REPO
+
+    module = importlib.import_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert module.__doc__.splitlines()[0] in out
+    example = re.search(r"e\.g\.\s+(\S+)", out)[1]
+    assert example.startswith(f"configs/toy/{step}_") and (REPO / example).is_file()
+    assert f"\n  {section}" in out
+    assert ("--shard" in out) == (step in (2, 3, 5, 7))
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -1,22 +1,33 @@
 """Settings that can only be found wrong at run time (a weights file that does not fit the
-backbone, a step run before the one that feeds it) end a step's script with one line that
-names the key or folder, and exit code 2, instead of a traceback. So does a full disk or a
-read-only folder while a step writes its outputs, which a bad image does not."""
+backbone, a step run before the one that feeds it, a checkpoint file that is not one) end a
+step's script, or the pipeline, with one line that names the key or file, and exit code 2,
+instead of a traceback. So does a full disk or a read-only folder while a step writes its
+outputs, which a bad image does not."""
 import errno
+import importlib
 import os
 
 import numpy as np
 import pytest
 import torch
 
+import run_pipeline
 from inference.common import ir_labels, step_io
-from inference.common.step_io import read_done, run_over_images, save_cams, save_png, step_dir
+from inference.common.provenance import claim_folder
+from inference.common.step_io import (mark_done, read_done, run_over_images, save_cams, save_png,
+                                      step_dir)
 from inference.irn_steps import crf_cam_processing, irn_inference, multiscale_cam
+from inference.segmentation import predict
 from model_training.cam_generation import train_classifier, train_irn
-from model_training.common.config import StepError
+from model_training.cam_generation.irn_training import load_irnet
+from model_training.common.checkpoints import read_checkpoint
+from model_training.common.config import Config, ConfigError, StepError, load_config
+from model_training.segmentation import segmentation_training
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs" / "toy"
+# the script, not the function of the same name that the package exports
+train_segmentation = importlib.import_module("model_training.segmentation.train_segmentation")
 TINY_TOY = ["device=cpu", "num_workers=0", "dataset.toy.num_train=2", "dataset.toy.num_val=2",
             "dataset.toy.num_test=1", "dataset.toy.image_size=[32,48]"]
 
@@ -28,11 +39,15 @@ def mismatched_weights(tmp_path):
     return path
 
 
-def _fails_with_one_line(script, config, work_dir, capsys, *overrides) -> str:
+def _exits_2(script, config, work_dir, *overrides) -> None:
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--config", str(CONFIGS / config), f"work_dir={work_dir}", *TINY_TOY,
                      *overrides])
     assert exit_info.value.code == 2
+
+
+def _fails_with_one_line(script, config, work_dir, capsys, *overrides) -> str:
+    _exits_2(script, config, work_dir, *overrides)
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1, err
     return err[0]
@@ -117,3 +132,116 @@ def test_step3_on_a_full_disk_exits_2_and_is_not_marked_done(tmp_path, capsys, m
                                "crf.num_workers=1")
     assert "train_00000" in err and "ENOSPC" in err and "/full/disk/out.png" in err
     assert read_done(tmp_path / "3_ir_labels") is None
+
+
+def _spoil(path, how: str) -> None:
+    """Turn a real checkpoint at ``path`` into what a crash, a full disk or a mix-up leaves."""
+    if how == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(512))
+    elif how == "truncated":
+        path.write_bytes(path.read_bytes()[:-64])
+    else:  # another tool's weights: a state dict without the toolkit's keys
+        torch.save({"conv1.weight": torch.zeros(1)}, path)
+
+
+@pytest.mark.parametrize("how", ["random bytes", "truncated", "without arch"])
+def test_unreadable_checkpoint_is_one_line_without_unsafe_advice(tmp_path, how):
+    path = tmp_path / "best.pt"
+    torch.save({"model": {"w": torch.zeros(256)}, "arch": {}}, path)
+    _spoil(path, how)
+    with pytest.raises(StepError) as error:
+        read_checkpoint(path, "re-run step 1 with overwrite=true", keys=("model", "arch"))
+    assert str(error.value) == (f"{path}: not a checkpoint this toolkit wrote, or truncated: "
+                                f"re-run step 1 with overwrite=true")
+
+
+def test_missing_checkpoint_says_which_step_writes_it(tmp_path):
+    path = tmp_path / "best.pt"
+    with pytest.raises(StepError) as error:
+        read_checkpoint(path, "re-run step 6 with overwrite=true")
+    assert str(error.value) == f"checkpoint not found: {path}: re-run step 6 with overwrite=true"
+
+
+def test_step2_classifier_checkpoint_of_garbage(tmp_path, capsys):
+    best = step_dir(tmp_path, 1) / "best.pt"
+    _spoil(best, "random bytes")
+    err = _fails_with_one_line(multiscale_cam, "2_cam.yaml", tmp_path, capsys)
+    assert err == (f"error: {best}: not a checkpoint this toolkit wrote, or truncated: "
+                   f"re-run step 1 with overwrite=true")
+
+
+def test_step1_weights_file_of_garbage(tmp_path, capsys):
+    weights = tmp_path / "weights.pt"
+    _spoil(weights, "random bytes")
+    err = _fails_with_one_line(train_classifier, "1_classifier.yaml", tmp_path / "run", capsys,
+                               f"model.weights={weights}")
+    assert err.startswith(f"error: key 'model.weights': {weights}: not a checkpoint")
+    assert "weights_only" not in err
+
+
+def test_step5_irnet_checkpoint_cut_short(tmp_path):
+    path = tmp_path / "best.pt"
+    torch.save({"model": {"w": torch.zeros(256)}, "arch": {}}, path)
+    _spoil(path, "truncated")
+    with pytest.raises(StepError, match="truncated: re-run step 4 with overwrite=true$"):
+        load_irnet(path, "cpu")
+
+
+def test_step6_finished_round_with_a_garbage_best_pt(tmp_path, capsys):
+    step_dir(tmp_path, 5)
+    cfg = load_config(CONFIGS / "6_segmentation.yaml",
+                      [f"work_dir={tmp_path}", *TINY_TOY, "self_training.rounds=2"],
+                      segmentation_training.DEFAULTS)
+    # round 1 below was made by these settings
+    claim_folder(step_dir(tmp_path, 6), cfg, segmentation_training.step_inputs(cfg))
+    round_dir = step_dir(tmp_path, 6) / "round1"
+    mark_done(round_dir, {"round": 1})
+    _spoil(round_dir / "best.pt", "random bytes")
+    err = _fails_with_one_line(train_segmentation, "6_segmentation.yaml", tmp_path, capsys,
+                               "self_training.rounds=2")
+    assert err == (f"error: {round_dir / 'best.pt'}: not a checkpoint this toolkit wrote, or "
+                   f"truncated: re-run step 6 with overwrite=true")
+
+
+def test_step7_exported_model_of_garbage(tmp_path, capfd):
+    """The submission script (a process of its own) names model.pt; the step adds one line."""
+    exported = step_dir(tmp_path, 6)
+    _spoil(exported / "model.pt", "random bytes")
+    (exported / "export_config.yaml").write_text("weights: model.pt\ndevice: cpu\n")
+    _exits_2(predict, "7_submit.yaml", tmp_path)
+    err = capfd.readouterr().err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: {exported / 'model.pt'}: not a checkpoint step 6 exported, or truncated",
+        "error: generate_predictions.py exited with code 1 (its own message is above)"]
+    assert "Traceback" not in err
+
+
+def _raises(error):
+    def step(cfg):
+        raise error
+    return step
+
+
+def test_pipeline_puts_the_step_folder_before_a_step_error(tmp_path):
+    cfg = Config(work_dir=str(tmp_path), overwrite=False)
+    with pytest.raises(StepError, match=r"^\[3_ir_labels\] 2_cams is empty: run step 2 first$"):
+        run_pipeline.run_steps([(3, _raises(ConfigError("2_cams is empty: run step 2 first")),
+                                 cfg, lambda cfg: {})])
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        run_pipeline.run_steps([(3, _raises(ZeroDivisionError()), cfg, lambda cfg: {})])
+
+
+def test_pipeline_exits_2_with_one_line_and_no_report(tmp_path, capsys):
+    step1 = run_pipeline.load_step_configs(CONFIGS, [f"work_dir={tmp_path}", *TINY_TOY])[0][2]
+    claim_folder(step_dir(tmp_path, 1), step1, {})  # a finished step 1 of these settings
+    mark_done(step_dir(tmp_path, 1), {"seconds": 1.0})
+    best = step_dir(tmp_path, 1) / "best.pt"
+    _spoil(best, "random bytes")
+    with pytest.raises(SystemExit) as exit_info:
+        run_pipeline.main([str(CONFIGS), f"work_dir={tmp_path}", *TINY_TOY])
+    assert exit_info.value.code == 2
+    out, err = capsys.readouterr()
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: [2_cams] {best}: not a checkpoint this toolkit wrote, or truncated: "
+        f"re-run step 1 with overwrite=true"]
+    assert "Traceback" not in err and "report" not in out

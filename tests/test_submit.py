@@ -149,8 +149,9 @@ def test_missing_inputs_fail_with_one_line(submit, checkpoint_file, tmp_path, ca
         assert len(stderr) == 1 and stderr[0].startswith("error: ") and message in stderr[0]
 
 
-def test_voc_folder_with_id_list_and_shard(submit, checkpoint_file, tmp_path):
-    """JPEGImages/ + an id list relative to DATA_DIR; shard 1/2 takes every other listed id."""
+def test_voc_folder_with_id_list_and_shard(submit, checkpoint_file, tmp_path, capsys):
+    """JPEGImages/ + an id list relative to DATA_DIR; shard 1/2 takes every other listed id.
+    In a log (stderr not a terminal) no bar: just the line before and the line after."""
     dataset = tmp_path / "voc"
     write_images(dataset / "JPEGImages")
     (dataset / "ImageSets").mkdir()
@@ -161,6 +162,9 @@ def test_voc_folder_with_id_list_and_shard(submit, checkpoint_file, tmp_path):
             "--config", str(config), "--ids", "ImageSets/test.txt", "--shard", "1/2"]
     assert submit.gp.main(argv) == 0
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["tall.png"]
+    err = capsys.readouterr().err
+    assert "\r" not in err and len(err.splitlines()) == 2
+    assert err.splitlines()[-1] == f"wrote 1 masks to {tmp_path / 'out'}; 0 image(s) failed"
 
 
 def test_config_rejects_unknown_key(submit, tmp_path):

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from model_training.common.config import ConfigError, merge_defaults
+from model_training.common.config import ConfigError, StepError, merge_defaults
 from model_training.common.trainer import (TRAIN_DEFAULTS, LRSchedule, Trainer, build_optimizer,
                                            check_resume, flatten_metrics, seed_everything)
 
@@ -133,3 +133,12 @@ def test_resume_rewrites_best_pt_when_killed_between_last_and_best(tmp_path):
     _, summary = _train(tmp_path, epochs=3, resume=True, scores=[0.7])
     assert summary["best_epoch"] == 2
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 2
+
+
+def test_resume_from_a_truncated_last_pt_is_one_line(tmp_path):
+    _train(tmp_path, epochs=1)
+    last = tmp_path / "last.pt"
+    last.write_bytes(last.read_bytes()[:100])
+    with pytest.raises(StepError, match=f"^{last}: not a checkpoint this toolkit wrote, or "
+                                        f"truncated: start this step over with overwrite=true$"):
+        _train(tmp_path, epochs=2, resume=True)

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
-from tqdm import tqdm
 
 from model_training.common.config import ConfigError
 
 from .metrics import IGNORE_INDEX, ConfusionMatrix
+from .progress import progress
 from .step_io import first_line, load_cams, load_png
 
 DEFAULT_THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.05, 0.96, 0.05))
@@ -124,7 +124,7 @@ def evaluate_label_folder(pred_dir, load_gt: MaskLoader, num_classes: int,
     allowed = (IGNORE_INDEX,) if unsure_label is None else (IGNORE_INDEX, unsure_label)
     matrix = ConfusionMatrix(num_classes)
     confident = total = scored = 0
-    for image_id in tqdm(ids, desc=f"eval {pred_dir.name}", unit="img", dynamic_ncols=True):
+    for image_id in progress(ids, f"eval {pred_dir.name}", unit="img"):
         pred_path = pred_dir / f"{image_id}.png"
         if not pred_path.is_file():
             continue  # counted above
@@ -161,7 +161,7 @@ def evaluate_cam_folder(cam_dir, load_gt: MaskLoader, num_classes: int,
     missing, skipped = _without_prediction(ids, cam_dir, ".npz", load_gt, allow_missing)
     matrices = [ConfusionMatrix(num_classes) for _ in thresholds]
     scored = 0
-    for image_id in tqdm(ids, desc=f"eval {cam_dir.name}", unit="img", dynamic_ncols=True):
+    for image_id in progress(ids, f"eval {cam_dir.name}", unit="img"):
         path = cam_dir / f"{image_id}.npz"
         if not path.is_file():
             continue  # counted above

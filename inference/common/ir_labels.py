@@ -11,11 +11,11 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from inference.common import step_io
 from inference.common.crf import crf_inference
 from inference.common.metrics import IGNORE_INDEX
+from inference.common.progress import progress
 
 UNSURE = IGNORE_INDEX  # IRNet learns nothing from these pixels
 
@@ -130,8 +130,7 @@ def run_pool(
     context = multiprocessing.get_context("spawn")
     with context.Pool(num_workers, initializer=_init_worker, initargs=(worker_fn,)) as pool:
         results = pool.imap_unordered(_run_one, ids, chunksize=chunksize)
-        for image_id, succeeded in tqdm(results, total=len(ids), desc=desc, unit="img",
-                                        dynamic_ncols=True):
+        for image_id, succeeded in progress(results, desc, total=len(ids), unit="img"):
             if succeeded:
                 done += 1
                 continue

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from inference.common.progress import progress
 from model_training.common.config import ConfigError, StepError, parse_shard
 from model_training.common.distributed import rank, world_size
 
@@ -168,7 +169,7 @@ def run_over_images(items: Iterable, fn: Callable[..., object], desc: str,
     with one (a DataLoader's ``(id, image, ...)``). Returns (number done, failed ids)."""
     done, failed = 0, []
     items = items if hasattr(items, "__len__") else list(items)
-    for item in tqdm(items, desc=desc, unit="img", dynamic_ncols=True):
+    for item in progress(items, desc, unit="img"):
         image_id = item if isinstance(item, str) else item[0]
         try:
             fn(item)

@@ -9,7 +9,7 @@ from model_training.common.config import exit_on_config_error, parse_step_args
 
 
 def main(argv=None) -> dict:
-    cfg = parse_step_args(DEFAULTS, __doc__.splitlines()[0], argv)
+    cfg = parse_step_args(DEFAULTS, __doc__, argv, shardable=True)
     summary = exit_on_config_error(run, cfg)
     print(f"3_ir_labels: {summary['written']} written, {len(summary['failed'])} failed, "
           f"{summary['skipped_existing']} already there ({summary['seconds']} s)")

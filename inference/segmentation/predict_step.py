@@ -14,7 +14,7 @@ from pathlib import Path
 from inference.common.provenance import claim_folder
 from inference.common.step_io import (STEP_DIRS, atomic_write, clear_done, mark_done, shard_ids,
                                       step_dir)
-from model_training.common.config import ConfigError
+from model_training.common.config import ConfigError, StepError
 from model_training.common.datasets import build_source
 
 SUBMIT_DIR = Path(__file__).resolve().parent / "submit"
@@ -84,7 +84,8 @@ def run(cfg) -> dict:
         command.append("--overwrite")
     result = subprocess.run(command)
     if result.returncode != 0:
-        raise RuntimeError(f"generate_predictions.py exited with code {result.returncode}")
+        raise StepError(f"generate_predictions.py exited with code {result.returncode} "
+                        f"(its own message is above)")
     mine = shard_ids(source.ids, cfg.shard)
     summary = {"written": sum((out_dir / f"{i}.png").is_file() for i in mine),
                "split": source.split,

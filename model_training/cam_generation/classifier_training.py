@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm import tqdm
 
+from inference.common.progress import progress
 from inference.common.provenance import claim_folder
 from inference.common.step_io import STEP_DIRS, mark_done, report_failure
 from model_training.common import distributed
@@ -297,7 +297,7 @@ def predict_scores(model: CamClassifier, loader: DataLoader, device: torch.devic
                    show_progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(sigmoid scores, targets) over a loader of ``collate_images`` batches."""
     scores, targets = [], []
-    for batch in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=not show_progress):
+    for batch in progress(loader, "val", leave=False, disable=not show_progress):
         if batch is None:
             continue
         logits = model(batch["image"].to(device, non_blocking=True))

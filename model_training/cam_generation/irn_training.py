@@ -18,6 +18,7 @@ from inference.common.path_index import PathIndex, edge_to_affinity
 from inference.common.provenance import claim_folder
 from inference.common.step_io import STEP_DIRS, load_png, mark_done, step_dir
 from model_training.common import distributed
+from model_training.common.checkpoints import read_checkpoint
 from model_training.common.config import COMMON_DEFAULTS, ConfigError, merge_defaults
 from model_training.common.datasets import build_source
 from model_training.common.irn_labels import affinity_targets, irn_losses, label_to_stride
@@ -75,7 +76,8 @@ def build_irnet(irn_cfg, weights: str | None = None) -> IRNet:
 
 def load_irnet(path, device) -> IRNet:
     """A trained IRNet from a step-4 checkpoint, in eval mode."""
-    checkpoint = torch.load(path, map_location=device, weights_only=True)
+    checkpoint = read_checkpoint(path, "re-run step 4 with overwrite=true", device,
+                                 keys=("model", "arch"))
     model = build_irnet(checkpoint["arch"], weights="none")
     model.load_state_dict(checkpoint["model"])
     return model.to(device).eval()

@@ -10,7 +10,7 @@ from model_training.common.config import exit_on_config_error, parse_step_args
 
 
 def main(argv=None) -> dict:
-    cfg = parse_step_args(DEFAULTS, __doc__.splitlines()[0], argv)
+    cfg = parse_step_args(DEFAULTS, __doc__, argv)
     summary = exit_on_config_error(train_classifier, cfg)
     print(f"1_classifier: best val mAP {summary['best_score']:.4f} at epoch {summary['best_epoch']}"
           f" of {summary['epochs']} ({summary['seconds']} s) -> {summary['out_dir']}")

@@ -11,7 +11,9 @@ import argparse
 import copy
 import math
 import os
+import re
 import sys
+import textwrap
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
@@ -369,19 +371,66 @@ def save_config(cfg: Mapping, out_dir: str | os.PathLike) -> Path:
     return out
 
 
-def build_arg_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="step YAML, e.g. configs/toy/1_classifier.yaml")
-    parser.add_argument("--shard", metavar="i/n",
-                        help="inference steps: do every n-th image from the i-th (= shard=i/n)")
+def _typed(value: Any) -> str:
+    """A default as it is written in YAML; ``|auto`` where the key also takes auto."""
+    plain = float(value) if isinstance(value, AutoFloat) else value
+    text = yaml.safe_dump(plain, default_flow_style=True).strip().removesuffix("...").strip()
+    return f"{text}|{AUTO}" if isinstance(value, AutoFloat) else text
+
+
+def _dotted_defaults(node: Mapping, prefix: str = "") -> Iterable[str]:
+    for key, value in node.items():
+        if isinstance(value, Mapping) and value:
+            yield from _dotted_defaults(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}={_typed(value)}"
+
+
+def describe_keys(defaults: Mapping, shardable: bool) -> str:
+    """``--help``'s list of a step's own keys with their defaults, one wrapped line per
+    section; the keys every step shares (common.yaml) only by name, ``shard`` only where
+    the step splits its images."""
+    lines = ["config keys of this step (defaults; set in the YAML or as key=value):"]
+    for key, value in defaults.items():
+        if key in COMMON_DEFAULTS and value == COMMON_DEFAULTS[key]:
+            continue
+        if isinstance(value, Mapping) and value:
+            lines.append(_wrapped(f"  {key}: ", " ".join(_dotted_defaults(value))))
+        else:
+            lines.append(f"  {key}={_typed(value)}")
+    shared = ", ".join(f"{key}.*" if isinstance(value, Mapping) else key
+                       for key, value in COMMON_DEFAULTS.items() if shardable or key != "shard")
+    lines.append(_wrapped("keys shared by every step (common.yaml): ", shared))
+    return "\n".join(lines)
+
+
+def _wrapped(head: str, text: str) -> str:
+    return textwrap.fill(text, width=88, initial_indent=head, subsequent_indent=" " * 4,
+                         break_on_hyphens=False)
+
+
+def build_arg_parser(doc: str, defaults: Mapping, shardable: bool) -> argparse.ArgumentParser:
+    """A step script's parser: ``--help`` shows the script's docstring (what the step does, its
+    example command, what it writes) and the step's keys; ``--shard`` only where the step
+    splits its images (the inference steps)."""
+    example = re.search(r"--config (\S+)", doc)
+    parser = argparse.ArgumentParser(description=doc, epilog=describe_keys(defaults, shardable),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True,
+                        help=f"this step's YAML, e.g. {example[1]}" if example else "this step's YAML")
+    if shardable:
+        parser.add_argument("--shard", metavar="i/n",
+                            help="do every n-th image from the i-th (= shard=i/n)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
     return parser
 
 
-def parse_step_args(defaults: Mapping, description: str, argv: list[str] | None = None) -> Config:
+def parse_step_args(defaults: Mapping, doc: str, argv: list[str] | None = None,
+                    shardable: bool = False) -> Config:
     """Entry-point helper: parse ``--config`` + overrides; a bad config exits 2 with one line."""
-    args = build_arg_parser(description).parse_args(argv)
-    overrides = args.overrides + ([f"shard={args.shard}"] if args.shard is not None else [])
+    args = build_arg_parser(doc, defaults, shardable).parse_args(argv)
+    shard = getattr(args, "shard", None)
+    overrides = args.overrides + ([f"shard={shard}"] if shard is not None else [])
     return exit_on_config_error(load_config, args.config, overrides, defaults)
 
 

@@ -26,8 +26,10 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from inference.common.progress import progress
 from inference.common.step_io import atomic_write, clear_done
 
+from .checkpoints import read_checkpoint
 from .config import ConfigError
 from .distributed import (barrier, broadcast_from_main, gather_from_ranks, is_main,
                           mean_over_ranks, rank, world_size)
@@ -274,7 +276,9 @@ class Trainer:
         if not last.is_file():
             self._note(f"resume: {last} not found, starting from epoch 0")
             return
-        state = torch.load(last, map_location=self.device, weights_only=True)
+        state = read_checkpoint(last, "start this step over with overwrite=true", self.device,
+                                keys=("model", "optimizer", "scaler", "epoch", "scheduler",
+                                      "best_score", "best_epoch", "metrics", "rng"))
         unwrap(self.model).load_state_dict(state["model"])
         configured = [group["initial_lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
@@ -403,8 +407,8 @@ class Trainer:
         sums: dict[str, float] = {}
         count = 0
         num_batches = max(1, len(self.loader))
-        bar = tqdm(self.loader, desc=f"epoch {self.epoch + 1}/{self.epochs}", leave=False,
-                   dynamic_ncols=True, disable=not self.is_main)
+        bar = progress(self.loader, f"epoch {self.epoch + 1}/{self.epochs}", leave=False,
+                       disable=not self.is_main)
         for index, batch in enumerate(bar):
             self.schedule.apply(self.optimizer, self.epoch + index / num_batches)
             logs = self._train_step(move_to(batch, self.device))

@@ -22,14 +22,15 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from inference.common.metrics import IGNORE_INDEX, ConfusionMatrix
+from inference.common.progress import progress
 from inference.common.provenance import claim_folder
 from inference.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done, pending_ids,
                                       read_done, report_failure, run_over_images, save_png,
                                       step_dir)
 from model_training.common import distributed
+from model_training.common.checkpoints import read_checkpoint
 from model_training.common.config import ConfigError, merge_defaults
 from model_training.common.datasets import ImageLoadError, ImageSource, build_source
 from model_training.common.models import weights_error_names
@@ -42,6 +43,8 @@ from model_training.common.transforms import (IMAGENET_MEAN, IMAGENET_STD, build
                                               image_to_tensor)
 
 STEP = 6
+RERUN_STEP_6 = "re-run step 6 with overwrite=true"
+BEST_KEYS = ("model", "model_config", "epoch")  # what best.pt must hold to be exported
 MASK_SOURCES = ("pseudo", "gt")
 # ImageNet heads a backbone state-dict file may carry; smp encoders have none of them.
 HEAD_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.") + LITE_HEAD_PREFIXES
@@ -321,7 +324,7 @@ def evaluate(model: nn.Module, source: ImageSource, ids: Sequence[str],
     """
     device = next(model.parameters()).device
     matrix = ConfusionMatrix(source.num_classes)
-    for image_id in tqdm(ids, desc="val", unit="img", leave=False, dynamic_ncols=True):
+    for image_id in progress(ids, "val", unit="img", leave=False):
         try:
             image, mask = source.load_image(image_id), source.load_mask(image_id)
         except ImageLoadError as err:
@@ -496,7 +499,7 @@ def train_segmentation(cfg: Mapping) -> dict:
             if distributed.is_main():
                 mark_done(round_dir, {"round": round_index})
         if distributed.is_main():
-            best = torch.load(round_dir / "best.pt", map_location="cpu", weights_only=True)
+            best = read_checkpoint(round_dir / "best.pt", RERUN_STEP_6, keys=BEST_KEYS)
             model = build_model(best["model_config"]).to(device)
             model.load_state_dict(best["model"])
             predict_training_masks(model.eval(), train_source, round_dir / "masks",
@@ -512,7 +515,7 @@ def train_segmentation(cfg: Mapping) -> dict:
                                   resume)
     validated = val_source.has_masks
     if distributed.is_main():
-        best = torch.load(out_dir / "best.pt", map_location="cpu", weights_only=True)
+        best = read_checkpoint(out_dir / "best.pt", RERUN_STEP_6, keys=BEST_KEYS)
         checkpoint = {"model": best["model"], **metadata, "epoch": best["epoch"]}
         export_for_submission(out_dir, checkpoint, cfg)
     summary = {"miou": result["best_score"] if validated else None,

@@ -12,7 +12,7 @@ from model_training.segmentation.segmentation_training import DEFAULTS, train_se
 
 
 def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_step_args(DEFAULTS, __doc__.splitlines()[0], argv)
+    cfg = parse_step_args(DEFAULTS, __doc__, argv)
     result = exit_on_config_error(train_segmentation, cfg)
     miou = "n/a (no val masks)" if result["miou"] is None else f"{result['miou']:.2f}"
     print(f"step 6: val mIoU {miou} (best epoch {result['best_epoch']}/{result['epochs']}, "

@@ -311,7 +311,8 @@ def predict_folder(
     """Write one mask per image; a bad image is one warning line. Returns (done, failed)."""
     amp = cfg["amp"] and device.type == "cuda"
     done = failed = 0
-    for name, path in tqdm(images, desc="predict", unit="img"):
+    # no bar in a log file (its redraws would pile up): the lines before and after suffice
+    for name, path in tqdm(images, desc="predict", unit="img", disable=not sys.stderr.isatty()):
         try:
             image = read_image(path)
         except Exception as error:  # PIL raises many types for corrupt files

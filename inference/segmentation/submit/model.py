@@ -121,8 +121,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
         raise CheckpointError(f"weights file not found: {path}")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle / zip errors of many kinds
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    except Exception:  # pickle / zip errors of many kinds; torch's text would advise the unsafe
+        # weights_only=False, so the message says only what the file is not
+        raise CheckpointError(f"{path}: not a checkpoint step 6 exported, or truncated") from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint")
     missing = [key for key in REQUIRED_CHECKPOINT_KEYS if key not in checkpoint]

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..checkpoints import read_checkpoint
 from .backbones import build_backbone
 
 
@@ -74,7 +75,8 @@ def build_cam_classifier(backbone: str, weights: str, output_stride: int,
 
 def load_cam_classifier(path: str | os.PathLike, map_location="cpu") -> CamClassifier:
     """A trained classifier from a step-1 checkpoint (best.pt / last.pt), in eval mode."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    checkpoint = read_checkpoint(path, "re-run step 1 with overwrite=true", map_location,
+                                 keys=("model", "arch", "class_ids"))
     arch = checkpoint["arch"]
     model = build_cam_classifier(arch["backbone"], "none", arch["output_stride"],
                                  checkpoint["class_ids"])

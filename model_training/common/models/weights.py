@@ -15,6 +15,9 @@ from typing import Mapping
 
 import torch
 
+from ..checkpoints import read_checkpoint
+from ..config import StepError
+
 
 class WeightsError(RuntimeError):
     """Weights that cannot be found, downloaded or matched; the message is one line."""
@@ -108,14 +111,12 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise WeightsError(f"weights file not found: {path}")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        raise WeightsError(f"cannot read weights file {path}: {str(err).splitlines()[0]}") from None
+        data = read_checkpoint(path, "give a state dict saved with torch.save")
+    except StepError as err:
+        raise WeightsError(str(err)) from None
     for key in ("model", "state_dict"):
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
+        if isinstance(data.get(key), dict):
             data = data[key]
-    if not isinstance(data, dict):
-        raise WeightsError(f"weights file {path} holds no state dict")
     return {k.removeprefix("module."): v for k, v in data.items()}
 
 
