@@ -124,7 +124,7 @@ def evaluate_label_folder(pred_dir, load_gt: MaskLoader, num_classes: int,
     allowed = (IGNORE_INDEX,) if unsure_label is None else (IGNORE_INDEX, unsure_label)
     matrix = ConfusionMatrix(num_classes)
     confident = total = scored = 0
-    for image_id in progress(ids, f"eval {pred_dir.name}", unit="img"):
+    for image_id in progress(ids, f"eval {pred_dir.name}", unit="img", leave=False):
         pred_path = pred_dir / f"{image_id}.png"
         if not pred_path.is_file():
             continue  # counted above
@@ -161,7 +161,7 @@ def evaluate_cam_folder(cam_dir, load_gt: MaskLoader, num_classes: int,
     missing, skipped = _without_prediction(ids, cam_dir, ".npz", load_gt, allow_missing)
     matrices = [ConfusionMatrix(num_classes) for _ in thresholds]
     scored = 0
-    for image_id in progress(ids, f"eval {cam_dir.name}", unit="img"):
+    for image_id in progress(ids, f"eval {cam_dir.name}", unit="img", leave=False):
         path = cam_dir / f"{image_id}.npz"
         if not path.is_file():
             continue  # counted above
