@@ -30,7 +30,7 @@ from inference.common.progress import progress
 from inference.common.step_io import atomic_write, clear_done
 
 from .checkpoints import read_checkpoint
-from .config import ConfigError
+from .config import ConfigError, StepError
 from .distributed import (barrier, broadcast_from_main, gather_from_ranks, is_main,
                           mean_over_ranks, rank, world_size)
 
@@ -429,8 +429,8 @@ class Trainer:
             outputs = self.step_fn(self.model, batch)
         loss = outputs["loss"]
         if not torch.isfinite(loss).item() and not self.amp:
-            raise FloatingPointError(f"loss is {loss.item()} in epoch {self.epoch + 1} "
-                                     f"(iteration {self.iteration + 1}): try a lower train.lr")
+            raise StepError(f"loss is {loss.item()} in epoch {self.epoch + 1} "
+                            f"(iteration {self.iteration + 1}): try a lower train.lr")
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.cfg["grad_clip"] > 0:
