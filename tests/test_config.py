@@ -1,10 +1,12 @@
 import importlib
 import os
 import re
+from pathlib import Path
 
 import pytest
 import yaml
 
+from model_training.common import config as config_module
 from model_training.common.config import (ConfigError, load_config, parse_step_args,
                                           save_config)
 
@@ -210,3 +212,12 @@ def test_work_dir_in_a_read_only_folder(tmp_path):
     finally:
         locked.chmod(0o700)
     assert str(err.value) == f"key 'work_dir': folder {locked} is not writable"
+
+
+def test_work_dir_refused_by_the_system_whoever_runs(tmp_path, monkeypatch):
+    """The same refusal where the test runs as root (as CI does), whom mode bits do not stop:
+    the answer of os.access (a read-only mount answers no even to root) decides."""
+    monkeypatch.setattr(config_module.os, "access", lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"work_dir={tmp_path / 'run'}"], STEP_DEFAULTS)
+    assert str(err.value) == f"key 'work_dir': folder {tmp_path} is not writable"
