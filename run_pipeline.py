@@ -53,20 +53,34 @@ def _has_key(defaults: dict, dotted: str) -> bool:
     return True
 
 
+def step_files(config_dir: Path) -> list[tuple[str, str, str]]:
+    """(step folder, config file, target) in running order: the seven steps, and after step 1
+    every extra classifier the folder holds (``1_classifier_<variant>.yaml``, e.g. the binary
+    person model of "no people allowed", which step 2 merges through ``cam.extra_classifiers``)."""
+    files = [(STEP_DIRS[step], file_name, target) for step, file_name, target in STEPS]
+    extras = [(path.stem, path.name, STEPS[0][2])
+              for path in sorted(config_dir.glob(f"{STEP_DIRS[1]}_*.yaml"))]
+    return files[:1] + extras + files[1:]
+
+
 def load_step_configs(config_dir: Path, overrides: list[str]) -> list[tuple]:
-    """(step, run function, validated config, inputs function) of every step, before anything
-    runs; an override no step knows is an error."""
+    """(step folder, run function, validated config, inputs function) of every step, before
+    anything runs; an override no step knows is an error."""
     if not config_dir.is_dir():
         raise ConfigError(f"config folder not found: {config_dir}")
     loaded, used = [], set()
-    for step, file_name, target in STEPS:
+    for name, file_name, target in step_files(config_dir):
         module_name, function_name = target.split(":")
         module = importlib.import_module(module_name)
         defaults = merge_defaults(COMMON_DEFAULTS, module.DEFAULTS)
         mine = [o for o in overrides if _has_key(defaults, parse_override(o)[0])]
         used.update(mine)
         cfg = load_config(config_dir / file_name, mine, module.DEFAULTS)
-        loaded.append((step, getattr(module, function_name), cfg, module.step_inputs))
+        variant = name[len(STEP_DIRS[1]) + 1:] if name.startswith(f"{STEP_DIRS[1]}_") else None
+        if variant is not None and cfg.variant != variant:
+            raise ConfigError(f"key 'variant' in {config_dir / file_name} must be {variant!r} "
+                              f"(the file's name), got {cfg.variant!r}")
+        loaded.append((name, getattr(module, function_name), cfg, module.step_inputs))
     unknown = [o for o in overrides if o not in used]
     if unknown:
         raise ConfigError(f"override '{unknown[0]}' matches no key of any step's config")
@@ -81,8 +95,7 @@ def run_steps(step_configs, label: str = "") -> dict:
     A StepError of a step comes out with the step's folder in front (``[2_cams] ...``), so
     the one line the pipeline prints says which of the seven steps stopped."""
     seconds = {}
-    for step, run_step, cfg, step_inputs in step_configs:
-        name = STEP_DIRS[step]
+    for name, run_step, cfg, step_inputs in step_configs:
         shown = f"{label}/{name}" if label else name
         folder = Path(cfg.work_dir) / name
         reasons = stale_reasons(folder, cfg, step_inputs(cfg))
@@ -109,8 +122,9 @@ def run_gt_bound(config_dir: Path, overrides: list[str], work_dir) -> float:
     bound_overrides = [*overrides, f"work_dir={Path(work_dir) / GT_BOUND_DIR}", "mask_source=gt",
                        "self_training.rounds=1"]
     step_configs = exit_on_config_error(load_step_configs, config_dir, bound_overrides)
-    seconds = exit_on_config_error(run_steps, [s for s in step_configs if s[0] in (6, 7)],
-                                   label=GT_BOUND_DIR)
+    seconds = exit_on_config_error(
+        run_steps, [s for s in step_configs if s[0] in (STEP_DIRS[6], STEP_DIRS[7])],
+        label=GT_BOUND_DIR)
     return round(sum(seconds.values()), 2)
 
 
@@ -124,14 +138,14 @@ def main(argv=None) -> dict:
     step_configs = exit_on_config_error(load_step_configs, args.config_dir, args.overrides)
     seconds = exit_on_config_error(run_steps, step_configs)
     cfg = step_configs[-1][2]
+    cam_split = next(c for name, _, c, _ in step_configs if name == STEP_DIRS[2]).cam.split
     if args.gt_bound:
         seconds[GT_BOUND_DIR] = run_gt_bound(args.config_dir, args.overrides, cfg.work_dir)
-    stages = exit_on_config_error(score_stages, cfg, step_configs[1][2].cam.split,
-                                  predicted_split(cfg))
+    stages = exit_on_config_error(score_stages, cfg, cam_split, predicted_split(cfg))
     report = build_report(cfg, stages, seconds)
     write_report(report, cfg.work_dir)
     print(format_report(report))
-    figure = write_examples(build_source(cfg.dataset, step_configs[1][2].cam.split), cfg.work_dir,
+    figure = write_examples(build_source(cfg.dataset, cam_split), cfg.work_dir,
                             Path(cfg.work_dir) / "examples.png")
     if figure is not None:
         print(f"examples: {figure}")

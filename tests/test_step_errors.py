@@ -225,10 +225,10 @@ def _raises(error):
 def test_pipeline_puts_the_step_folder_before_a_step_error(tmp_path):
     cfg = Config(work_dir=str(tmp_path), overwrite=False)
     with pytest.raises(StepError, match=r"^\[3_ir_labels\] 2_cams is empty: run step 2 first$"):
-        run_pipeline.run_steps([(3, _raises(ConfigError("2_cams is empty: run step 2 first")),
+        run_pipeline.run_steps([("3_ir_labels", _raises(ConfigError("2_cams is empty: run step 2 first")),
                                  cfg, lambda cfg: {})])
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
-        run_pipeline.run_steps([(3, _raises(ZeroDivisionError()), cfg, lambda cfg: {})])
+        run_pipeline.run_steps([("3_ir_labels", _raises(ZeroDivisionError()), cfg, lambda cfg: {})])
 
 
 def test_pipeline_exits_2_with_one_line_and_no_report(tmp_path, capsys):

@@ -24,8 +24,8 @@ from model_training.common.transforms import image_to_tensor
 from .cam import (CAM_STRIDE, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams,
                   multiscale_cams, select_outputs)
 from .provenance import claim_folder
-from .step_io import (STEP_DIRS, clear_done, mark_done, pending_ids, run_over_images, save_cams,
-                      shard_ids, step_dir)
+from .step_io import (classifier_dir, clear_done, mark_done, pending_ids, run_over_images,
+                      save_cams, shard_ids, step_dir)
 
 DEFAULTS = {
     "cam": {
@@ -40,6 +40,7 @@ DEFAULTS = {
         "target_layer": None,  # None: the classifier's features (closed form); else autograd
         "input_long_side": None,  # upscale small images to this long side before the network
         "extra_checkpoints": [],  # binary classifiers of excluded classes: CAMs merged in
+        "extra_classifiers": [],  # variants of step 1 (e.g. person): 1_classifier_<v>/best.pt
     },
 }
 
@@ -126,8 +127,10 @@ def _check(cfg) -> list[Path]:
                                 ("normalize", c.normalize, NORMALIZATIONS)):
         if value not in allowed:
             raise ConfigError(f"key 'cam.{key}' must be one of {', '.join(allowed)}, got {value!r}")
-    checkpoints = [("cam.checkpoint", Path(c.checkpoint or step_dir(cfg.work_dir, 1) / "best.pt"))]
+    checkpoints = [("cam.checkpoint", Path(c.checkpoint or classifier_dir(cfg.work_dir) / "best.pt"))]
     checkpoints += [("cam.extra_checkpoints", Path(p)) for p in c.extra_checkpoints]
+    checkpoints += [("cam.extra_classifiers", classifier_dir(cfg.work_dir, v) / "best.pt")
+                    for v in c.extra_classifiers]
     for key, path in checkpoints:
         if not path.is_file():
             raise ConfigError(f"key '{key}': classifier checkpoint not found: {path}")
@@ -135,10 +138,12 @@ def _check(cfg) -> list[Path]:
 
 
 def step_inputs(cfg) -> dict[str, Path]:
-    """What this step reads (``provenance``): step 1's folder, or the checkpoint files named."""
+    """What this step reads (``provenance``): step 1's folder (or the checkpoint named), and
+    the extra classifiers' checkpoints or folders."""
     inputs = {"classifier": Path(cfg.cam.checkpoint) if cfg.cam.checkpoint
-              else Path(cfg.work_dir) / STEP_DIRS[1]}
+              else classifier_dir(cfg.work_dir)}
     inputs.update({f"extra_checkpoints[{i}]": Path(p) for i, p in enumerate(cfg.cam.extra_checkpoints)})
+    inputs.update({f"classifier_{v}": classifier_dir(cfg.work_dir, v) for v in cfg.cam.extra_classifiers})
     return inputs
 
 

@@ -76,10 +76,20 @@ def build_report(cfg, stages: dict, seconds: dict) -> dict:
         "stages": stages,
         "seconds": seconds,
     }
+    extra = [name for name in seconds if name.startswith(f"{STEP_DIRS[1]}_")]
+    if extra:
+        report["extra_classifiers"] = {
+            _variant(name): {"val_map": (read_done(Path(cfg.work_dir) / name) or {}).get("val_map")}
+            for name in extra}
     derived = auto_thresholds(cfg.work_dir)
     if derived:
         report["auto_thresholds"] = derived
     return report
+
+
+def _variant(folder: str) -> str:
+    """``person`` of ``1_classifier_person``."""
+    return folder[len(STEP_DIRS[1]) + 1:]
 
 
 def write_report(report: dict, work_dir) -> Path:
@@ -124,6 +134,9 @@ def format_report(report: dict) -> str:
         title, score = "", None
         if name == STEP_DIRS[1] and report["classifier"].get("val_map") is not None:
             title, score = "classifier (val mAP x100)", 100 * report["classifier"]["val_map"]
+        extra = report.get("extra_classifiers", {}).get(_variant(name), {})
+        if name.startswith(f"{STEP_DIRS[1]}_") and extra.get("val_map") is not None:
+            title, score = f"{_variant(name)} classifier (val mAP x100)", 100 * extra["val_map"]
         key = STAGE_OF_STEP.get(name) or ("gt_bound" if name == GT_BOUND_DIR else None)
         stage = report["stages"].get(key) if key else None
         if stage and stage.get("miou") is not None:

@@ -37,6 +37,12 @@ os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
 
 
+def classifier_dir(work_dir: str | os.PathLike, variant: str = "") -> Path:
+    """``<work_dir>/1_classifier``, or ``1_classifier_<variant>`` for an extra classifier
+    (e.g. the binary person model of "no people allowed")."""
+    return Path(work_dir) / (STEP_DIRS[1] + (f"_{variant}" if variant else ""))
+
+
 def step_dir(work_dir: str | os.PathLike, step: int) -> Path:
     """``<work_dir>/<n>_<name>``, created if needed."""
     path = Path(work_dir) / STEP_DIRS[step]

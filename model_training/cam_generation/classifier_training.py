@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from inference.common.progress import progress
 from inference.common.provenance import claim_folder
-from inference.common.step_io import STEP_DIRS, mark_done, report_failure
+from inference.common.step_io import classifier_dir, mark_done, report_failure
 from model_training.common import distributed
 from model_training.common.config import COMMON_DEFAULTS, Config, ConfigError, merge_defaults
 from model_training.common.datasets import (ImageLoadError, ImageSource, build_source,
@@ -309,12 +309,6 @@ def predict_scores(model: CamClassifier, loader: DataLoader, device: torch.devic
 
 
 # ---- the step -----------------------------------------------------------------------------
-def classifier_dir(work_dir: str | Path, variant: str = "") -> Path:
-    """``<work_dir>/1_classifier`` or ``<work_dir>/1_classifier_<variant>``."""
-    name = STEP_DIRS[1] + (f"_{variant}" if variant else "")
-    return Path(work_dir) / name
-
-
 def _transform(data: Config, train: bool):
     return build_transform(train, crop_size=data.crop_size or None, resize_long=data.resize_long,
                            scale_range=data.scale_range or None, hflip=data.hflip,

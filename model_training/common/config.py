@@ -48,6 +48,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
             "num_test": 80,
             "image_size": [96, 128],
             "missing_label_rate": 0.5,
+            "verified_only": False,  # train on the verified quarter, its labels complete
         },
     },
 }

@@ -246,6 +246,9 @@ class _SceneRenderer:
         return np.clip(image, 0, 255).astype(np.uint8), mask
 
 
+VERIFIED_EVERY = 4  # the verified training subset: every 4th image
+
+
 def _split_code(split: str) -> int:
     return _SPLIT_CODES.get(split, zlib.crc32(split.encode()))
 
@@ -255,7 +258,8 @@ class ToySource(ImageSource):
 
     ``labels`` are the observed image-level labels: the person label is dropped with
     probability ``missing_label_rate`` where a person is present beside another class.
-    ``true_labels`` and the mask always hold every visible class.
+    ``true_labels`` and the mask always hold every visible class. ``every`` > 1 keeps every
+    n-th image (the same images as the full split).
     """
 
     name = "toy"
@@ -263,7 +267,7 @@ class ToySource(ImageSource):
 
     def __init__(self, split: str = "train", num_images: int = 800,
                  image_size: Sequence[int] = (96, 128), seed: int = 0,
-                 missing_label_rate: float = 0.5):
+                 missing_label_rate: float = 0.5, every: int = 1):
         if not 0.0 <= missing_label_rate <= 1.0:
             raise ValueError(f"toy missing_label_rate must be in [0, 1], got {missing_label_rate}")
         height, width = (int(v) for v in image_size)
@@ -274,8 +278,8 @@ class ToySource(ImageSource):
         self.missing_label_rate = float(missing_label_rate)
         self.image_size = (height, width)
         self.class_names = list(CLASS_NAMES)
-        self.ids = [f"{split}_{i:05d}" for i in range(int(num_images))]
-        self._index = {image_id: i for i, image_id in enumerate(self.ids)}
+        self.ids = [f"{split}_{i:05d}" for i in range(0, int(num_images), int(every))]
+        self._index = {image_id: int(image_id.rsplit("_", 1)[1]) for image_id in self.ids}
         self._renderer = _SceneRenderer(self.image_size)
         self._renders: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_size = max(8, _CACHE_BYTES // (height * width * 4))  # RGB + mask
@@ -351,16 +355,20 @@ def build_toy_source(dataset_cfg: Mapping[str, Any], split: str) -> ToySource:
     """The toy source for ``split`` from the ``dataset.toy`` config section.
 
     Person labels go missing in the training split only: val and test labels come from
-    their masks, as they would for a dataset with pixel annotations.
+    their masks, as they would for a dataset with pixel annotations. ``verified_only``: the
+    training split is its verified quarter (every 4th image) with complete labels, as a
+    subset whose labels were checked (LID's reliable person labels) would be.
     """
     toy = {**TOY_DEFAULTS, **(dataset_cfg.get("toy") or {})}
     sizes = {"train": toy["num_train"], "val": toy["num_val"], "test": toy["num_test"]}
     if split not in sizes:
         raise ValueError(f"toy dataset has splits {sorted(sizes)}, not {split!r}")
+    verified = toy["verified_only"] and split == "train"
     return ToySource(
         split=split,
         num_images=sizes[split],
         image_size=toy["image_size"],
         seed=toy["seed"],
-        missing_label_rate=toy["missing_label_rate"] if split == "train" else 0.0,
+        missing_label_rate=toy["missing_label_rate"] if split == "train" and not verified else 0.0,
+        every=VERIFIED_EVERY if verified else 1,
     )
