@@ -108,11 +108,13 @@ def _holds_outputs(folder: Path) -> bool:
 def stale_reasons(folder: str | os.PathLike, cfg: Mapping, inputs: Mapping) -> list[str]:
     """Why the outputs in ``folder`` were not made by this recipe ([] when they were, or when
     there are none yet). With ``resume=true`` a training step may change ``RESUMABLE_KEYS``."""
-    folder = Path(folder)
-    recorded = read_recipe(folder)
+    return _reasons(Path(folder), read_recipe(folder), build_recipe(cfg, inputs), cfg)
+
+
+def _reasons(folder: Path, recorded: dict | None, recipe: dict, cfg: Mapping) -> list[str]:
     if recorded is None:
         return ["it has no provenance.json (made by an older version)"] if _holds_outputs(folder) else []
-    found = differences(recorded, build_recipe(cfg, inputs))
+    found = differences(recorded, recipe)
     if cfg.get("resume"):
         found = [d for d in found if d.split(":")[0] not in RESUMABLE_KEYS]
     return found
@@ -132,11 +134,11 @@ def claim_folder(folder: str | os.PathLike, cfg: Mapping,
     unchanged recipe leaves both files as they are; a changed one (with ``overwrite``) also
     forgets that the folder had finished."""
     folder = Path(folder)
-    reasons = stale_reasons(folder, cfg, inputs)
+    recorded, recipe = read_recipe(folder), build_recipe(cfg, inputs)
+    reasons = _reasons(folder, recorded, recipe, cfg)
     if reasons and not cfg.get("overwrite"):
         raise ConfigError(stale_message(folder, reasons))
-    recipe = build_recipe(cfg, inputs)
-    if read_recipe(folder) != recipe:
+    if recorded != recipe:
         for done in [folder / DONE_FILE, *folder.glob("done.*-of-*.json")]:
             done.unlink(missing_ok=True)  # finished, but by the old recipe
         save_config(cfg, folder)

@@ -278,8 +278,8 @@ class ToySource(ImageSource):
         self.missing_label_rate = float(missing_label_rate)
         self.image_size = (height, width)
         self.class_names = list(CLASS_NAMES)
-        self.ids = [f"{split}_{i:05d}" for i in range(0, int(num_images), int(every))]
-        self._index = {image_id: int(image_id.rsplit("_", 1)[1]) for image_id in self.ids}
+        self._index = {f"{split}_{i:05d}": i for i in range(0, int(num_images), int(every))}
+        self.ids = list(self._index)
         self._renderer = _SceneRenderer(self.image_size)
         self._renders: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
         self._cache_size = max(8, _CACHE_BYTES // (height * width * 4))  # RGB + mask
