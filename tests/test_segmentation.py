@@ -360,3 +360,25 @@ def test_training_with_a_bad_val_mask_validates_on_the_rest(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="on_error=stop"):  # refused before any epoch
         train_segmentation(tiny_config(tmp_path / "stop", "mask_source=gt", "on_error=stop"))
     assert not (tmp_path / "stop" / "6_segmentation" / "last.pt").exists()
+
+
+def test_class_head_targets_are_the_classes_each_crop_shows():
+    masks = torch.tensor([[[0, 2], [255, 2]], [[1, 255], [3, 3]], [[255, 255], [255, 255]]])
+    assert seg.classes_in_masks(masks, 4).tolist() == [[0, 1, 0], [1, 0, 1], [0, 0, 0]]
+
+
+def test_class_head_trains_and_exports_its_gate(tmp_path):
+    cfg = tiny_config(tmp_path, "model.class_head=true", "export.class_gate=0.4")
+    write_pseudo_masks(cfg)
+    train_segmentation(cfg)
+    out = tmp_path / "6_segmentation"
+    assert yaml.safe_load((out / "export_config.yaml").read_text())["class_gate"] == 0.4
+    loaded = import_submit_model().load_checkpoint(out / "model.pt")
+    assert loaded.model_config["class_head"] is True
+    logits, class_logits = loaded.model(torch.zeros(1, 3, 64, 64))
+    assert logits.shape == (1, 7, 64, 64) and class_logits.shape == (1, 6)
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    assert "class_loss" in header and "pixel_loss" in header
+
+    with pytest.raises(ConfigError, match="export.class_gate' needs model.class_head"):
+        train_segmentation(tiny_config(tmp_path / "no_head", "mask_source=gt", "export.class_gate=0.4"))

@@ -237,3 +237,52 @@ def test_key_value_overrides_win_over_the_config_and_are_checked(submit, tmp_pat
                          ("input_long_side=-3", "input_long_side must be")):
         with pytest.raises(submit.gp.UsageError, match=re.escape(message)):
             submit.gp.read_settings(submit.gp.parse_args(["out", "data", bad]))
+
+
+def test_gate_zeroes_rejected_classes_and_renormalises(submit):
+    probabilities = torch.tensor([[0.1, 0.5], [0.6, 0.2], [0.3, 0.3]]).view(3, 1, 2)
+    gated = submit.gp.gate_classes(probabilities, torch.tensor([0.9, 0.2]), threshold=0.5)
+    torch.testing.assert_close(gated.view(3, 2), torch.tensor([[0.1 / 0.7, 0.5 / 0.7],
+                                                                [0.6 / 0.7, 0.2 / 0.7],
+                                                                [0.0, 0.0]]))
+    # background has no head output and is never gated: a pixel always has a class
+    nothing = submit.gp.gate_classes(probabilities, torch.tensor([0.0, 0.0]), threshold=0.5)
+    assert torch.equal(nothing.argmax(0), torch.zeros(1, 2, dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def headed(submit, tmp_path_factory):
+    """A network with a class head whose bias rejects class 2 ("square") on any image."""
+    torch.manual_seed(0)
+    config = {**MODEL_CONFIG, "class_head": True}
+    network = submit.model.build_model(config).eval()
+    linear = next(m for m in network.classification_head if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.bias.copy_(torch.tensor([5.0, -5.0, 5.0]))
+    path = tmp_path_factory.mktemp("headed") / "model.pt"
+    torch.save(submit.model.make_checkpoint(network, config, CLASS_NAMES, MEAN, STD), path)
+    return SimpleNamespace(network=network, path=path)
+
+
+def test_class_head_checkpoint_round_trips_and_gates(submit, headed):
+    loaded = submit.model.load_checkpoint(headed.path)
+    assert loaded.model_config["class_head"] is True
+    image = torch.randn(1, 3, 40, 56)
+    plain = submit.gp.predict_probabilities(loaded.model, image, [1.0, 0.75], flip=True)
+    torch.testing.assert_close(plain, submit.gp.predict_probabilities(headed.network, image, [1.0, 0.75], flip=True))
+    gated = submit.gp.predict_probabilities(loaded.model, image, [1.0, 0.75], flip=True, class_gate=0.5)
+    assert gated[2].abs().max() == 0 and plain[2].min() > 0
+    torch.testing.assert_close(gated.sum(0), torch.ones(40, 56))
+    kept = plain[[0, 1, 3]] / plain[[0, 1, 3]].sum(0, keepdim=True)
+    torch.testing.assert_close(gated[[0, 1, 3]], kept)
+
+
+def test_class_gate_without_a_class_head_is_one_line(submit, checkpoint_file, tmp_path, capsys):
+    write_images(tmp_path / "images")
+    code = submit.gp.main([str(tmp_path / "out"), str(tmp_path / "images"), "class_gate=0.5",
+                           "--weights", str(checkpoint_file), "--device", "cpu"])
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.strip().endswith("has no class head (train it with step 6 model.class_head: true)")
+    with pytest.raises(submit.gp.UsageError, match="class_gate must be null or a number in"):
+        submit.gp.apply_overrides(dict(submit.gp.DEFAULTS), ["class_gate=1.5"])

@@ -115,6 +115,8 @@ RANGES: dict[str, Range] = {
     "loss.max_pos_weight": POSITIVE,
     "loss.negative_weight": NON_NEGATIVE,
     "loss.class_weights": NON_NEGATIVE,
+    "loss.class_head_weight": NON_NEGATIVE,
+    "export.class_gate": FRACTION,
     "val.threshold": FRACTION,
     "val.max_images": NON_NEGATIVE,
     "cam.threshold": FRACTION,

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from inference.common.metrics import IGNORE_INDEX, ConfusionMatrix
 from inference.common.progress import progress
 from inference.common.provenance import claim_folder
+from inference.segmentation.submit.model import class_head_params, split_outputs
 from inference.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done, pending_ids,
                                       read_done, report_failure, run_over_images, save_png,
                                       step_dir)
@@ -57,6 +58,9 @@ DEFAULTS: dict[str, Any] = merge_defaults(TRAIN_DEFAULTS, {
         "encoder_name": "tu-tf_efficientnet_lite0",  # any smp encoder, tu-<timm name> included
         "encoder_output_stride": 16,  # 8 | 16 where the arch takes it; null for other archs
         "encoder_weights": "imagenet",  # imagenet | none | <state-dict file>
+        # an image-level head (smp aux_params) trained on the classes each crop's mask shows;
+        # step 7 can then drop the classes it rejects for an image (export.class_gate)
+        "class_head": False,
     },
     "data": {
         "input_long_side": None,  # long side the network sees (train base, val, step 7); null = as is
@@ -67,6 +71,7 @@ DEFAULTS: dict[str, Any] = merge_defaults(TRAIN_DEFAULTS, {
     },
     "loss": {
         "class_weights": None,  # null or one weight per class (background first)
+        "class_head_weight": 1.0,  # the class head's BCE, added to the pixel loss
     },
     "self_training": {
         # 2+: train again, from the same initial weights, on the previous round's predictions
@@ -80,6 +85,7 @@ DEFAULTS: dict[str, Any] = merge_defaults(TRAIN_DEFAULTS, {
     "export": {  # test-time augmentation written to export_config.yaml for step 7
         "scales": [0.75, 1.0, 1.25],
         "flip": True,
+        "class_gate": None,  # with model.class_head: classes scored below this win no pixel
     },
     "train": {
         "epochs": 30,
@@ -108,6 +114,8 @@ def model_config_from(model_cfg: Mapping, num_classes: int) -> dict[str, Any]:
         if stride not in (8, 16):
             raise ConfigError(f"key 'model.encoder_output_stride' must be 8, 16 or null, got {stride!r}")
         config["encoder_output_stride"] = int(stride)
+    if model_cfg.get("class_head"):
+        config["class_head"] = True
     return config
 
 
@@ -116,6 +124,8 @@ def build_model(model_config: Mapping[str, Any], encoder_weights: str = "none") 
     kwargs = {}
     if "encoder_output_stride" in model_config:
         kwargs["encoder_output_stride"] = model_config["encoder_output_stride"]
+    if model_config.get("class_head"):
+        kwargs["aux_params"] = class_head_params(model_config["num_classes"])
     encoder_name = model_config["encoder_name"]
     offline_lite = encoder_weights == "imagenet" and _lite_name(encoder_name) is not None
     smp_weights = "imagenet" if encoder_weights == "imagenet" and not offline_lite else None
@@ -257,6 +267,14 @@ class SegmentationDataset(Dataset):
         raise RuntimeError("no training image could be read")
 
 
+def classes_in_masks(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, num_classes - 1) float targets of the class head: which foreground classes each
+    training crop's mask shows (a pseudo mask holds only its image's labels)."""
+    ids = torch.where(masks == IGNORE_INDEX, 0, masks).flatten(1)  # ignore counts as background
+    present = torch.zeros(len(masks), num_classes, device=masks.device).scatter_(1, ids, 1.0)
+    return present[:, 1:]
+
+
 def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
                        pin_memory: bool) -> DataLoader:
     generator = torch.Generator()
@@ -291,7 +309,7 @@ def full_size_logits(model: nn.Module, image: torch.Tensor, input_long_side: int
     stride = network_stride(model)
     view_h, view_w = view.shape[-2:]
     padded = F.pad(view, (0, -view_w % stride, 0, -view_h % stride))
-    logits = model(padded)[..., :view_h, :view_w].float()
+    logits = split_outputs(model(padded))[0][..., :view_h, :view_w].float()
     return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
 
 
@@ -354,8 +372,8 @@ def export_for_submission(out_dir: Path, checkpoint: Mapping, cfg: Mapping) -> P
     model_path = atomic_write(out_dir / "model.pt", lambda tmp: torch.save(dict(checkpoint), tmp))
     submit_cfg = {"weights": model_path.name, "device": "auto",
                   "scales": list(cfg["export"]["scales"]), "flip": bool(cfg["export"]["flip"]),
-                  "input_long_side": cfg["data"]["input_long_side"], "amp": True,
-                  "recursive": False}
+                  "input_long_side": cfg["data"]["input_long_side"],
+                  "class_gate": cfg["export"]["class_gate"], "amp": True, "recursive": False}
     text = ("# Step-7 config for generate_predictions.py --config (written by step 6).\n"
             + yaml.safe_dump(submit_cfg, sort_keys=False))
     atomic_write(out_dir / "export_config.yaml", lambda tmp: Path(tmp).write_text(text))
@@ -372,6 +390,8 @@ def _check_settings(cfg: Mapping, num_classes: int) -> None:
     weights = cfg["loss"]["class_weights"]
     if weights is not None and (not isinstance(weights, list) or len(weights) != num_classes):
         raise ConfigError(f"key 'loss.class_weights' must be null or a list of {num_classes} numbers")
+    if cfg["export"]["class_gate"] is not None and not cfg["model"]["class_head"]:
+        raise ConfigError("key 'export.class_gate' needs model.class_head: true")
 
 
 def _check_crop(crop: int, stride: int) -> None:
@@ -439,7 +459,14 @@ def _fit_round(cfg: Mapping, device: torch.device, out_dir: Path, mask_dir: Path
 
     def step_fn(net: nn.Module, batch) -> dict[str, torch.Tensor]:
         images, masks = batch
-        return {"loss": criterion(net(images).float(), masks)}
+        logits, class_logits = split_outputs(net(images))
+        pixel_loss = criterion(logits.float(), masks)
+        if class_logits is None:
+            return {"loss": pixel_loss}
+        class_loss = F.binary_cross_entropy_with_logits(
+            class_logits.float(), classes_in_masks(masks, train_source.num_classes))
+        return {"loss": pixel_loss + cfg["loss"]["class_head_weight"] * class_loss,
+                "pixel_loss": pixel_loss, "class_loss": class_loss}
 
     validate_fn = None
     if val_source.has_masks:

@@ -12,7 +12,8 @@ Checkpoint format (written by step 6, ``torch.save``; read with ``weights_only=T
             "encoder_name": "resnet50",   # any smp encoder name, "tu-<timm name>" included
             "encoder_output_stride": 16,  # optional; only for archs that take it (DeepLabV3/V3+)
             "num_classes": 21,            # output channels, background (id 0) included
-        },
+            "class_head": True,           # optional; an image-level head (smp aux_params) that
+        },                                #   scores classes 1..num_classes-1 (class_gate)
         "class_names": ["background", ...],                 # len == num_classes
         "normalize": {"mean": [0.485, 0.456, 0.406],        # RGB, applied to pixels / 255
                       "std": [0.229, 0.224, 0.225]},
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 REQUIRED_MODEL_KEYS = ("arch", "encoder_name", "num_classes")
-OPTIONAL_MODEL_KEYS = ("encoder_output_stride",)
+OPTIONAL_MODEL_KEYS = ("encoder_output_stride", "class_head")
 REQUIRED_CHECKPOINT_KEYS = ("model", "model_config", "class_names", "normalize")
 
 
@@ -80,6 +81,8 @@ def build_model(model_config: dict[str, Any]) -> nn.Module:
         if arch_class is None or "encoder_output_stride" not in inspect.signature(arch_class).parameters:
             raise CheckpointError(f"arch {model_config['arch']} does not take encoder_output_stride")
         kwargs["encoder_output_stride"] = int(model_config["encoder_output_stride"])
+    if model_config.get("class_head"):
+        kwargs["aux_params"] = class_head_params(int(model_config["num_classes"]))
     try:
         return smp.create_model(
             model_config["arch"],
@@ -93,6 +96,20 @@ def build_model(model_config: dict[str, Any]) -> nn.Module:
         raise CheckpointError(
             f"cannot build {model_config['arch']} with encoder {model_config['encoder_name']}: {reason}"
         ) from error
+
+
+def class_head_params(num_classes: int) -> dict[str, Any]:
+    """smp's image-level head: global average pooling and a linear layer with one logit per
+    foreground class (background is never gated, so it has none)."""
+    return {"classes": num_classes - 1, "pooling": "avg", "dropout": None, "activation": None}
+
+
+def split_outputs(output) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(segmentation logits, image-level class logits or None): with a class head, smp
+    models return both."""
+    if isinstance(output, tuple):
+        return output[0], output[1]
+    return output, None
 
 
 def make_checkpoint(
