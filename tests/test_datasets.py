@@ -121,6 +121,26 @@ def test_lid_json_and_xml(tmp_path):
     assert src.labels("x1") == [2] and src.load_image("x1").shape == (5, 5, 3)
 
 
+def test_lid_folder_split_labels_come_from_its_masks(tmp_path):
+    (tmp_path / "classes.txt").write_text("background\nn001 accordion\nn002 airplane\n")
+    for split in ("val", "test"):
+        (tmp_path / split).mkdir()
+        for image_id in ("v1", "v2"):
+            Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / split / f"{image_id}.JPEG")
+    (tmp_path / "val_masks").mkdir()
+    mask = np.zeros((4, 6), np.uint8)
+    mask[0], mask[1, :2], mask[3] = 2, 1, 255
+    Image.fromarray(mask).save(tmp_path / "val_masks" / "v1.png")
+    val = build_source(Config(name="lid", root=str(tmp_path)), "val")
+    assert val.ids == ["v1", "v2"] and val.has_masks and val.labels("v1") == [1, 2]
+    with pytest.raises(ImageLoadError, match=f"image 'v2': mask file not found: {tmp_path}/val_masks/v2.png"):
+        val.labels("v2")
+    test = build_source(Config(name="lid", root=str(tmp_path)), "test")
+    assert not test.has_masks and test.labels("v1") == []
+    (tmp_path / "val.json").write_text(json.dumps([["val/v1.JPEG", ["accordion"]]]))
+    assert build_source(Config(name="lid", root=str(tmp_path)), "val").labels("v1") == [1]
+
+
 def test_lid_unknown_class_name_is_config_error(tmp_path):
     (tmp_path / "classes.txt").write_text("background\nn001 accordion\n")
     (tmp_path / "train.json").write_text(json.dumps([["x.JPEG", ["banjo"]]]))
