@@ -2,7 +2,8 @@
 
 Training labels come either from a JSON list ``[[relative/path.JPEG, [labels]], ...]``
 (labels as class ids or class names) or from the DET ``Annotations/<split>/**/*.xml`` files
-(object ``<name>`` = WordNet id, mapped through ``classes.txt``). Val/test images
+(object ``<name>`` = WordNet id, mapped through ``classes.txt``); the split may be a glob
+pattern, so ``DET/train/ILSVRC2014_train_*`` names DET's 2014 images alone. Val/test images
 are a folder ``<split>/``, their masks PNGs named after the image in ``<split>_masks/``,
 which also give a folder split its image-level labels.
 """
@@ -80,18 +81,19 @@ class LIDSource(FolderSource):
         # (relative image path, class ids); None: an image folder's, read from its mask
         self._entries: dict[str, tuple[str, list[int] | None]] = {}
         labels_path = Path(labels_file) if labels_file else self.root / f"{split}.json"
-        ann_dir = self.root / "Annotations" / split
+        ann_root = self.root / "Annotations"
+        ann_dirs = sorted(p for p in ann_root.glob(split) if p.is_dir())
         if labels_path.is_file():
             self._entries = read_json_list(labels_path, index, len(self.class_names))
-        elif ann_dir.is_dir():
-            for xml in sorted(ann_dir.rglob("*.xml")):
-                rel = xml.relative_to(ann_dir).with_suffix("")
-                self._entries[xml.stem] = (str(Path("Data") / split / rel), read_det_xml(xml, index))
+        elif ann_dirs:
+            for xml in sorted(x for d in ann_dirs for x in d.rglob("*.xml")):
+                rel = xml.relative_to(ann_root).with_suffix("")
+                self._entries[xml.stem] = (str(Path("Data") / rel), read_det_xml(xml, index))
         else:
             image_dir = self.root / split
             if not image_dir.is_dir():
-                raise FileNotFoundError(
-                    f"no labels for split '{split}': none of {labels_path}, {ann_dir}, {image_dir}")
+                raise FileNotFoundError(f"no labels for split '{split}': none of {labels_path}, "
+                                        f"{ann_root / split}, {image_dir}")
             for path in sorted(p for p in image_dir.rglob("*") if p.suffix in IMAGE_SUFFIXES):
                 self._entries[path.stem] = (str(path.relative_to(self.root)), None)
         self.ids = sorted(self._entries)
