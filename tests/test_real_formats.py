@@ -22,6 +22,15 @@ TINY = ["device=cpu", "num_workers=0", "crf.num_workers=1", "train.epochs=1",
         "model.freeze_bn=false"]  # frozen BatchNorm needs trained statistics: none here
 
 
+def run_configs(dataset: str, root, work_dir) -> tuple[str, dict]:
+    """``run_pipeline.py configs/<dataset>`` on ``root`` at TINY sizes: (its stdout, report)."""
+    proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / dataset),
+                           f"dataset.root={root}", f"work_dir={work_dir}", *TINY],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout, json.loads((Path(work_dir) / "report.json").read_text())
+
+
 def voc_palette() -> list[int]:
     """VOC's colour map: class c's RGB bits come from c's bits, three at a time."""
     palette = []
@@ -67,11 +76,7 @@ def test_voc12_configs_run_all_seven_steps_on_a_voc2012_miniature(tmp_path):
     root = tmp_path / "VOC2012"
     make_voc2012(root, {"train": 6, "val": 3})
     work_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / "voc12"),
-                           f"dataset.root={root}", f"work_dir={work_dir}", *TINY],
-                          capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((work_dir / "report.json").read_text())
+    _, report = run_configs("voc12", root, work_dir)
     assert report["num_classes"] == 21
     assert set(report["stages"]) == {"cam", "ir_label", "pseudo_mask", "segmentation"}
     assert report["stages"]["segmentation"]["images"] == 3
@@ -156,11 +161,7 @@ def test_lid_configs_run_all_seven_steps_and_the_person_route_on_a_lid_miniature
     root = tmp_path / "ILSVRC"
     make_lid(root)
     work_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / "lid"),
-                           f"dataset.root={root}", f"work_dir={work_dir}", *TINY],
-                          capture_output=True, text=True, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((work_dir / "report.json").read_text())
+    stdout, report = run_configs("lid", root, work_dir)
     assert report["num_classes"] == 5
     assert set(report["stages"]) == {"segmentation"}  # DET train has no masks to score
     assert report["stages"]["segmentation"]["images"] == 3
@@ -172,7 +173,7 @@ def test_lid_configs_run_all_seven_steps_and_the_person_route_on_a_lid_miniature
     assert person["class_ids"] == [4] and person["num_train_images"] == 3
     assert (work_dir / "1_classifier_person" / "best.pt").is_file()
     assert 0.0 <= report["extra_classifiers"]["person"]["val_map"] <= 1.0
-    assert "person classifier (val mAP x100)" in proc.stdout
+    assert "person classifier (val mAP x100)" in stdout
     assert len(list((work_dir / "2_cams").glob("*.npz"))) == len(DET_TRAIN)
     config = (work_dir / "2_cams" / "config.yaml").read_text()
     assert "method: gradcam++" in config and "- person" in config
