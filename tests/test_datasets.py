@@ -121,6 +121,50 @@ def test_lid_json_and_xml(tmp_path):
     assert src.labels("x1") == [2] and src.load_image("x1").shape == (5, 5, 3)
 
 
+def test_lid_folder_split_labels_come_from_its_masks(tmp_path):
+    (tmp_path / "classes.txt").write_text("background\nn001 accordion\nn002 airplane\n")
+    for split in ("val", "test"):
+        (tmp_path / split).mkdir()
+        for image_id in ("v1", "v2"):
+            Image.fromarray(np.zeros((4, 6, 3), np.uint8)).save(tmp_path / split / f"{image_id}.JPEG")
+    (tmp_path / "val_masks").mkdir()
+    mask = np.zeros((4, 6), np.uint8)
+    mask[0], mask[1, :2], mask[3] = 2, 1, 255
+    Image.fromarray(mask).save(tmp_path / "val_masks" / "v1.png")
+    val = build_source(Config(name="lid", root=str(tmp_path)), "val")
+    assert val.ids == ["v1", "v2"] and val.has_masks and val.labels("v1") == [1, 2]
+    with pytest.raises(ImageLoadError, match=f"image 'v2': mask file not found: {tmp_path}/val_masks/v2.png"):
+        val.labels("v2")
+    test = build_source(Config(name="lid", root=str(tmp_path)), "test")
+    assert not test.has_masks and test.labels("v1") == []
+    (tmp_path / "val.json").write_text(json.dumps([["val/v1.JPEG", ["accordion"]]]))
+    assert build_source(Config(name="lid", root=str(tmp_path)), "val").labels("v1") == [1]
+
+
+def test_lid_reads_imagenet_det_layout_and_split_patterns(tmp_path):
+    """ILSVRC's own tree: dataset.root is the ILSVRC folder, the split DET/train (or a glob
+    of its subfolders, e.g. the 2014 images alone)."""
+    (tmp_path / "classes.txt").write_text("background\nn001 accordion\nn00007846 person\n")
+    images = {"ILSVRC2013_train/n001/n001_7": "n001", "ILSVRC2014_train_0000/ILSVRC2014_train_00000003": "n00007846"}
+    for rel, wnid in images.items():
+        xml = tmp_path / "Annotations" / "DET" / "train" / f"{rel}.xml"
+        jpeg = tmp_path / "Data" / "DET" / "train" / f"{rel}.JPEG"
+        xml.parent.mkdir(parents=True)
+        jpeg.parent.mkdir(parents=True)
+        xml.write_text(f"<annotation><object><name>{wnid}</name></object></annotation>")
+        Image.fromarray(np.zeros((3, 5, 3), np.uint8)).save(jpeg, format="JPEG")
+    src = build_source(Config(name="lid", root=str(tmp_path)), "DET/train")
+    assert src.class_names == ["background", "accordion", "person"]
+    assert src.ids == ["ILSVRC2014_train_00000003", "n001_7"] and not src.has_masks
+    assert src.labels("n001_7") == [1] and src.labels("ILSVRC2014_train_00000003") == [2]
+    assert src.load_image("n001_7").shape == (3, 5, 3)
+    subset = build_source(Config(name="lid", root=str(tmp_path)), "DET/train/ILSVRC2014_train_*")
+    assert subset.ids == ["ILSVRC2014_train_00000003"]
+    assert subset.load_image(subset.ids[0]).shape == (3, 5, 3)
+    with pytest.raises(ConfigError, match=f"no labels for split 'DET/val': none of .*{tmp_path}/DET/val$"):
+        build_source(Config(name="lid", root=str(tmp_path)), "DET/val")
+
+
 def test_lid_unknown_class_name_is_config_error(tmp_path):
     (tmp_path / "classes.txt").write_text("background\nn001 accordion\n")
     (tmp_path / "train.json").write_text(json.dumps([["x.JPEG", ["banjo"]]]))

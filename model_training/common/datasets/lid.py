@@ -1,16 +1,19 @@
 """LID 2020 / ImageNet-DET: 200 classes + background, labels from a JSON list or DET XML.
 
 Training labels come either from a JSON list ``[[relative/path.JPEG, [labels]], ...]``
-(labels as class ids or class names) or from the DET ``Annotations/**/*.xml`` files (object
-``<name>`` = WordNet id, mapped through ``classes.txt``). Val/test masks are PNGs named
-after the image.
+(labels as class ids or class names) or from the DET ``Annotations/<split>/**/*.xml`` files
+(object ``<name>`` = WordNet id, mapped through ``classes.txt``); the split may be a glob
+pattern, so ``DET/train/ILSVRC2014_train_*`` names DET's 2014 images alone. Val/test images
+are a folder ``<split>/``, their masks PNGs named after the image in ``<split>_masks/``,
+which also give a folder split its image-level labels.
 """
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .base import FolderSource, check_label_ids, json_kind, read_json
+from .base import (FolderSource, ImageLoadError, check_label_ids, json_kind, labels_from_mask,
+                   read_json)
 
 IMAGE_SUFFIXES = (".JPEG", ".jpg", ".jpeg", ".png")
 
@@ -58,7 +61,8 @@ def read_det_xml(path: Path, class_index: dict[str, int]) -> list[int]:
     return sorted({class_index[n] for n in names if n in class_index})
 
 class LIDSource(FolderSource):
-    """One split of LID: ``train`` from the JSON list or XMLs, ``val``/``test`` from folders."""
+    """One split of LID: ``train`` from the JSON list or XMLs, ``val``/``test`` from folders
+    (labels from their masks where the split has them, else none)."""
 
     def __init__(self, root, split: str, class_names: list[str] | None = None,
                  labels_file: str | None = None, name: str = "lid"):
@@ -74,22 +78,24 @@ class LIDSource(FolderSource):
             raise FileNotFoundError(f"class list not found: {names_file}")
         self.class_names = [line.split()[-1] for line in lines]
         index = _class_index(lines)
-        self._entries: dict[str, tuple[str, list[int]]] = {}
+        # (relative image path, class ids); None: an image folder's, read from its mask
+        self._entries: dict[str, tuple[str, list[int] | None]] = {}
         labels_path = Path(labels_file) if labels_file else self.root / f"{split}.json"
-        ann_dir = self.root / "Annotations" / split
+        ann_root = self.root / "Annotations"
+        ann_dirs = sorted(p for p in ann_root.glob(split) if p.is_dir())
         if labels_path.is_file():
             self._entries = read_json_list(labels_path, index, len(self.class_names))
-        elif ann_dir.is_dir():
-            for xml in sorted(ann_dir.rglob("*.xml")):
-                rel = xml.relative_to(ann_dir).with_suffix("")
-                self._entries[xml.stem] = (str(Path("Data") / split / rel), read_det_xml(xml, index))
+        elif ann_dirs:
+            for xml in sorted(x for d in ann_dirs for x in d.rglob("*.xml")):
+                rel = xml.relative_to(ann_root).with_suffix("")
+                self._entries[xml.stem] = (str(Path("Data") / rel), read_det_xml(xml, index))
         else:
             image_dir = self.root / split
             if not image_dir.is_dir():
-                raise FileNotFoundError(
-                    f"no labels for split '{split}': none of {labels_path}, {ann_dir}, {image_dir}")
+                raise FileNotFoundError(f"no labels for split '{split}': none of {labels_path}, "
+                                        f"{ann_root / split}, {image_dir}")
             for path in sorted(p for p in image_dir.rglob("*") if p.suffix in IMAGE_SUFFIXES):
-                self._entries[path.stem] = (str(path.relative_to(self.root)), [])
+                self._entries[path.stem] = (str(path.relative_to(self.root)), None)
         self.ids = sorted(self._entries)
         self.mask_dir = self.root / f"{split}_masks"
         self.has_masks = self.mask_dir.is_dir()
@@ -105,4 +111,13 @@ class LIDSource(FolderSource):
         return path.with_suffix(".JPEG")
 
     def labels(self, image_id: str) -> list[int]:
-        return list(self._entries[image_id][1])
+        labels = self._entries[image_id][1]
+        if labels is not None:
+            return list(labels)
+        if not self.has_masks:
+            return []
+        mask = self.load_mask(image_id)
+        if mask is None:
+            raise ImageLoadError(f"no labels for image '{image_id}': mask file not found: "
+                                 f"{self.mask_dir / image_id}.png")
+        return labels_from_mask(mask, self.num_classes)
