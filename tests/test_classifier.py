@@ -13,7 +13,7 @@ from torch import nn
 from model_training.cam_generation.classifier_training import (
     DEFAULTS, MultiLabelDataset, RepeatFactorSampler, average_precision, classification_metrics,
     collate_images, multilabel_loss, negative_weights, output_class_ids, positive_weights,
-    repeat_factors, train_classifier, training_images)
+    recam_loss, repeat_factors, train_classifier, training_images)
 from model_training.common.config import Config, ConfigError, load_config
 from model_training.common.datasets import build_source
 from model_training.common.models import (CamClassifier, build_backbone, build_cam_classifier,
@@ -259,3 +259,52 @@ def test_binary_classifier_for_an_excluded_class_from_its_own_list(tmp_path):
     checkpoint = torch.load(tmp_path / "1_classifier_person" / "best.pt", weights_only=True)
     assert summary["num_train_images"] == 6 and checkpoint["class_ids"] == [1]
     assert checkpoint["model"]["classifier.weight"].shape[0] == 1
+
+
+# ---- ReCAM --------------------------------------------------------------------------------
+def test_recam_loss_matches_a_loop_over_labelled_classes():
+    torch.manual_seed(0)
+    feats = torch.rand(3, 5, 4, 6)
+    targets = torch.tensor([[1.0, 0, 1], [0, 0, 0], [0, 1, 0]])
+    cam_head, recam_head = torch.randn(3, 5), torch.randn(3, 5)
+    losses = []
+    for b, k in [(0, 0), (0, 2), (2, 1)]:  # every (image, labelled class)
+        cam = torch.relu(torch.einsum("c,chw->hw", cam_head[k], feats[b]))
+        cam = cam / (cam.max() + 1e-5)
+        selected = (cam[None] * feats[b]).mean(dim=(1, 2))  # (C,)
+        losses.append(F.cross_entropy((recam_head @ selected)[None], torch.tensor([k])))
+    expected = torch.stack(losses).mean()
+    torch.testing.assert_close(recam_loss(feats, targets, cam_head, recam_head), expected)
+    # a batch without labels: zero, and still a graph to backpropagate
+    feats.requires_grad_(True)
+    empty = recam_loss(feats, torch.zeros(3, 3), cam_head, recam_head)
+    empty.backward()
+    assert empty.item() == 0.0 and feats.grad is not None
+
+
+def test_recam_classifier_cams_use_both_heads_and_its_checkpoint_keeps_them(tmp_path):
+    from inference.common.cam import fast_class_maps
+
+    summary = train_classifier(toy_config(tmp_path, "model.recam=true", "loss.recam_weight=0.5"))
+    out = tmp_path / "1_classifier"
+    checkpoint = torch.load(out / "best.pt", weights_only=True)
+    assert checkpoint["arch"]["recam"] is True and "recam_head.weight" in checkpoint["model"]
+    with open(out / "metrics.csv") as f:
+        assert "train/recam_loss" in next(csv.DictReader(f))
+    model = load_cam_classifier(out / "best.pt")
+    weight = (model.classifier.weight * model.recam_head.weight).flatten(1)
+    torch.testing.assert_close(model.cam_weight(), weight)
+    assert len(summary["class_ids"]) == weight.shape[0]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch.einsum("kc,bchw->bkhw", weight, model.features(x))
+        torch.testing.assert_close(fast_class_maps(model, x, range(weight.shape[0])), expected)
+    # step 2 takes them from the features; autograd at another layer would ignore ReCAM's head
+    from inference.common.cam_step import DEFAULTS as CAM_DEFAULTS, CamExtractor
+
+    cam_cfg = load_config(None, [f"work_dir={tmp_path}", "cam.target_layer=backbone"], CAM_DEFAULTS).cam
+    with pytest.raises(ConfigError, match="key 'cam.target_layer': .* ReCAM classifier"):
+        CamExtractor(out / "best.pt", torch.device("cpu"), cam_cfg)
+    # a plain classifier's checkpoint has no trace of it
+    plain = build_cam_classifier("vgg16", "none", 16, class_ids=[1, 2])
+    assert "recam" not in plain.arch and plain.recam_head is None

@@ -50,9 +50,12 @@ def _check_method(method: str) -> None:
 
 def linear_head_weight(model: nn.Module) -> torch.Tensor | None:
     """The (K, C) weight of a bias-free 1x1-conv or linear ``model.classifier`` on
-    ``model.features``, or None when the model has no such head."""
+    ``model.features``, or None when the model has no such head. A model that names its CAM
+    weight (``cam_weight``, e.g. ReCAM's product of two heads) is taken at its word."""
     if not callable(getattr(model, "features", None)):
         return None
+    if callable(getattr(model, "cam_weight", None)):
+        return model.cam_weight()
     head = getattr(model, "classifier", None)
     if isinstance(head, nn.Conv2d):
         plain_1x1 = (head.kernel_size == (1, 1) and head.groups == 1
@@ -168,6 +171,9 @@ def class_maps(model: nn.Module, images: torch.Tensor, output_indices: Sequence[
     """Raw maps (B, n, h, w): the closed form when `uses_fast_path`, else autograd."""
     if uses_fast_path(model, target_layer):
         return fast_class_maps(model, images, output_indices, method)
+    if getattr(model, "recam_head", None) is not None:
+        raise ValueError("a ReCAM classifier's maps come from its features (cam.target_layer: "
+                         "null): its CAM weight is no gradient autograd could follow")
     return autograd_class_maps(model, images, output_indices, method, target_layer)
 
 

@@ -91,6 +91,9 @@ class CamExtractor:
 
     def __init__(self, checkpoint: Path, device: torch.device, cam_cfg):
         self.model = load_cam_classifier(checkpoint, device)
+        if self.model.recam_head is not None and cam_cfg.target_layer:
+            raise ConfigError(f"key 'cam.target_layer': {checkpoint} is a ReCAM classifier, "
+                              f"whose maps come from its features only (set it to null)")
         self.cfg = cam_cfg
         self.device = device
 

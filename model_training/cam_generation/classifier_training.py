@@ -40,6 +40,9 @@ DEFAULTS: dict[str, Any] = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, {
         "weights": "imagenet",  # imagenet | none | path to a state dict
         "output_stride": 16,  # 8 | 16 | 32: CAM resolution
         "freeze_bn": False,  # keep BatchNorm statistics fixed (small batches)
+        # ReCAM (Chen et al. CVPR 2022): a second head learns, by softmax cross-entropy, which
+        # class the features under each class's CAM show; step 2's CAMs use both heads
+        "recam": False,
     },
     "data": {
         "train_list": "",  # file of image ids (one a line) replacing the training split's list
@@ -58,6 +61,7 @@ DEFAULTS: dict[str, Any] = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, {
         "max_pos_weight": 10.0,
         "negative_weight": 1.0,  # < 1 trusts an absent label less (missing labels)
         "negative_weight_classes": [],  # names or ids it applies to; empty: every class
+        "recam_weight": 1.0,  # ReCAM's cross-entropy beside the multi-label loss (model.recam)
     },
     "val": {
         "batch_size": 32,
@@ -248,6 +252,22 @@ def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor,
     return loss.mean()
 
 
+def recam_loss(feats: torch.Tensor, targets: torch.Tensor, cam_head: torch.Tensor,
+               recam_head: torch.Tensor) -> torch.Tensor:
+    """ReCAM's loss: for every (image, labelled class c), the features A weighted by c's CAM
+    (ReLU(W_c . A), divided by its max) are averaged over the map, and ``recam_head`` must
+    tell c from the other classes by softmax cross-entropy. feats (B,C,h,w), targets (B,K),
+    heads (K,C); 0 for a batch without labels."""
+    cams = torch.relu(torch.einsum("kc,bchw->bkhw", cam_head, feats))
+    cams = cams / (cams.amax(dim=(2, 3), keepdim=True) + 1e-5)
+    selected = torch.einsum("bkhw,bchw->bkc", cams, feats) / cams[0, 0].numel()  # (B,K,C)
+    images, classes = torch.nonzero(targets > 0, as_tuple=True)
+    if len(classes) == 0:
+        return feats.sum() * 0
+    logits = selected[images, classes] @ recam_head.t()  # (N,K)
+    return F.cross_entropy(logits.float(), classes)
+
+
 def negative_weights(source: ImageSource, class_ids: Sequence[int], weight: float,
                      classes: Sequence = ()) -> torch.Tensor:
     """Per-output weight of an absent label: ``weight`` for ``classes`` (all when empty), 1
@@ -382,7 +402,8 @@ def train_classifier(cfg: Config) -> dict:
 
     with weights_error_names("model.weights"):
         model = build_cam_classifier(cfg.model.backbone, cfg.model.weights, cfg.model.output_stride,
-                                     class_ids, freeze_bn=cfg.model.freeze_bn).to(device)
+                                     class_ids, freeze_bn=cfg.model.freeze_bn,
+                                     recam=cfg.model.recam).to(device)
     pos_weight = (positive_weights(train_set.targets, cfg.loss.max_pos_weight).to(device)
                   if cfg.loss.pos_weight else None)
 
@@ -392,8 +413,15 @@ def train_classifier(cfg: Config) -> dict:
     negative_weight = negative_weight.to(device) if (negative_weight != 1.0).any() else 1.0
 
     def step_fn(net, batch) -> dict:
-        logits = net(batch["image"])
-        return {"loss": multilabel_loss(logits, batch["target"], pos_weight, negative_weight)}
+        if not cfg.model.recam:
+            logits = net(batch["image"])
+            return {"loss": multilabel_loss(logits, batch["target"], pos_weight, negative_weight)}
+        logits, feats = net(batch["image"], with_features=True)
+        multilabel = multilabel_loss(logits, batch["target"], pos_weight, negative_weight)
+        recam = recam_loss(feats, batch["target"], model.classifier.weight.flatten(1),
+                           model.recam_head.weight.flatten(1))
+        return {"loss": multilabel + cfg.loss.recam_weight * recam,
+                "multilabel_loss": multilabel, "recam_loss": recam}
 
     trainer = Trainer(
         distributed.wrap_model(model, device, cfg.train.sync_bn),

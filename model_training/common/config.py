@@ -114,6 +114,7 @@ RANGES: dict[str, Range] = {
     "*scales": POSITIVE,
     "loss.max_pos_weight": POSITIVE,
     "loss.negative_weight": NON_NEGATIVE,
+    "loss.recam_weight": NON_NEGATIVE,
     "loss.class_weights": NON_NEGATIVE,
     "loss.class_head_weight": NON_NEGATIVE,
     "export.class_gate": FRACTION,

@@ -2,6 +2,8 @@
 
 With this head a class score is exactly S_c = W_c . mean_hw(A), so CAMs (W_c . A), and
 Grad-CAM / Grad-CAM++ for every class, come from one forward pass (step 2's fast path).
+Optionally a second head as in ReCAM (Chen et al., CVPR 2022), whose weights multiply the
+first's in the CAMs (``cam_weight``).
 """
 from __future__ import annotations
 
@@ -20,15 +22,17 @@ class CamClassifier(nn.Module):
 
     ``arch`` (backbone name, output stride) is what a checkpoint needs to rebuild it.
     ``freeze_bn`` keeps BatchNorm statistics fixed while training (small batches, as IRNet).
+    ``recam`` adds ReCAM's head, trained by ``recam_loss`` on the features each CAM selects.
     """
 
     def __init__(self, backbone: nn.Module, channels: int, class_ids: Sequence[int],
-                 arch: dict | None = None, freeze_bn: bool = False):
+                 arch: dict | None = None, freeze_bn: bool = False, recam: bool = False):
         super().__init__()
         if not class_ids:
             raise ValueError("a CamClassifier needs at least one output class")
         self.backbone = backbone
         self.classifier = nn.Conv2d(channels, len(class_ids), 1, bias=False)
+        self.recam_head = nn.Conv2d(channels, len(class_ids), 1, bias=False) if recam else None
         self.class_ids = [int(c) for c in class_ids]
         self.arch = dict(arch or {})
         self.freeze_bn = freeze_bn
@@ -37,9 +41,17 @@ class CamClassifier(nn.Module):
         """The map A (B,C,h,w), non-negative, that the head pools and CAMs weight."""
         return self.backbone(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = self.features(x).mean(dim=(2, 3), keepdim=True)
-        return self.classifier(pooled).flatten(1)
+    def forward(self, x: torch.Tensor, with_features: bool = False):
+        """Class scores (B,K); with ``with_features`` also the map A they pool (for ReCAM's
+        loss, through the same call a DDP wrapper sees)."""
+        feats = self.features(x)
+        logits = self.classifier(feats.mean(dim=(2, 3), keepdim=True)).flatten(1)
+        return (logits, feats) if with_features else logits
+
+    def cam_weight(self) -> torch.Tensor:
+        """The (K,C) weight step 2 applies to A: the head's, times ReCAM's where it has one."""
+        weight = self.classifier.weight.flatten(1)
+        return weight if self.recam_head is None else weight * self.recam_head.weight.flatten(1)
 
     def train(self, mode: bool = True) -> "CamClassifier":
         super().train(mode)
@@ -52,6 +64,8 @@ class CamClassifier(nn.Module):
     def parameter_groups(self, new_lr_mult: float = 10.0) -> list[dict]:
         """Pretrained backbone at the base LR, new layers (head, VGG's extra convs) faster."""
         new_modules = [self.classifier, *getattr(self.backbone, "new_modules", [])]
+        if self.recam_head is not None:
+            new_modules.append(self.recam_head)
         new_ids = {id(p) for m in new_modules for p in m.parameters()}
         trainable = [p for p in self.parameters() if p.requires_grad]
         return [
@@ -67,10 +81,13 @@ class CamClassifier(nn.Module):
 
 
 def build_cam_classifier(backbone: str, weights: str, output_stride: int,
-                         class_ids: Sequence[int], freeze_bn: bool = False) -> CamClassifier:
+                         class_ids: Sequence[int], freeze_bn: bool = False,
+                         recam: bool = False) -> CamClassifier:
     module, channels = build_backbone(backbone, weights, output_stride)
     arch = {"backbone": backbone, "output_stride": int(output_stride)}
-    return CamClassifier(module, channels, class_ids, arch=arch, freeze_bn=freeze_bn)
+    if recam:  # only then: a plain classifier's arch (and checkpoints) stay as they were
+        arch["recam"] = True
+    return CamClassifier(module, channels, class_ids, arch=arch, freeze_bn=freeze_bn, recam=recam)
 
 
 def load_cam_classifier(path: str | os.PathLike, map_location="cpu") -> CamClassifier:
@@ -79,6 +96,6 @@ def load_cam_classifier(path: str | os.PathLike, map_location="cpu") -> CamClass
                                  keys=("model", "arch", "class_ids"))
     arch = checkpoint["arch"]
     model = build_cam_classifier(arch["backbone"], "none", arch["output_stride"],
-                                 checkpoint["class_ids"])
+                                 checkpoint["class_ids"], recam=arch.get("recam", False))
     model.load_state_dict(checkpoint["model"])
     return model.to(map_location).eval()
