@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import shutil
 from pathlib import Path
@@ -20,13 +19,14 @@ from model_training.common.config import ConfigError, load_config
 from model_training.common.datasets import build_source
 from model_training.common.transforms import image_to_tensor
 from model_training.segmentation import segmentation_training as seg
+from inference.segmentation.submit import generate_predictions as step7
+from inference.segmentation.submit import model as submit_model
 from model_training.segmentation.segmentation_training import (DEFAULTS, SegmentationDataset,
                                                                build_model, evaluate,
-                                                               full_size_logits, train_segmentation)
+                                                               train_segmentation)
 from tests.test_submit import IMPORT_PROBE, SUBMIT_DIR, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
-SUBMIT_MODEL = REPO / "inference" / "segmentation" / "submit" / "model.py"
 
 # A few small toy images, a network sized for seconds on a shared 2-core CPU.
 TINY = [
@@ -49,14 +49,6 @@ def write_pseudo_masks(cfg, skip: int = 0) -> Path:
     for image_id in source.ids[: len(source.ids) - skip]:
         save_png(folder / f"{image_id}.png", source.load_mask(image_id))
     return folder
-
-
-def import_submit_model():
-    """The submission folder's own model.py, by path (it is no package of the repo)."""
-    spec = importlib.util.spec_from_file_location("submit_model_under_test", SUBMIT_MODEL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +79,11 @@ def test_one_tiny_epoch_on_pseudo_masks_writes_checkpoints_and_export(tiny_run):
     assert exported["class_names"][0] == "background" and exported["model_config"]["num_classes"] == 7
     assert exported["model_config"]["encoder_output_stride"] == 16
 
-    step7 = yaml.safe_load((out / "export_config.yaml").read_text())
-    assert step7["weights"] == "model.pt" and step7["input_long_side"] == 64
+    exported_cfg = yaml.safe_load((out / "export_config.yaml").read_text())
+    assert exported_cfg["weights"] == "model.pt" and exported_cfg["input_long_side"] == 64
 
     # The submission folder's own loader rebuilds the same network: same logits.
-    loaded = import_submit_model().load_checkpoint(out / "model.pt")
+    loaded = submit_model.load_checkpoint(out / "model.pt")
     trained = build_model(best["model_config"])
     trained.load_state_dict(best["model"])
     trained.eval()
@@ -113,18 +105,10 @@ def write_step7_images(cfg, folder: Path) -> dict[str, np.ndarray]:
     return images
 
 
-def step6_tta_mask(model: nn.Module, image: np.ndarray, step7: dict) -> np.ndarray:
-    """Step 7's test-time augmentation rebuilt from step 6's own view (``full_size_logits``):
-    softmax of every (scale, flip) view at full size, averaged, argmax."""
+def in_process_mask(model: nn.Module, image: np.ndarray, export_config: Path) -> np.ndarray:
+    """The mask step 7's code gives in this process, with step 6's export config."""
     tensor = image_to_tensor(image)[None]
-    total = 0
-    with torch.no_grad():
-        for scale in step7["scales"]:
-            for flip in (False, True) if step7["flip"] else (False,):
-                view = tensor.flip(-1) if flip else tensor
-                logits = full_size_logits(model, view, step7["input_long_side"] * scale)
-                total = total + (logits.flip(-1) if flip else logits).softmax(1)
-    return total.argmax(1)[0].numpy().astype(np.uint8)
+    return step7.predict_mask(model, tensor, step7.load_config(export_config), amp=False)
 
 
 def test_copied_submission_folder_predicts_from_the_step6_export(tiny_run, tmp_path):
@@ -141,8 +125,10 @@ def test_copied_submission_folder_predicts_from_the_step6_export(tiny_run, tmp_p
                            "--device", "cpu"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
-    step7 = yaml.safe_load((tiny_run.out / "export_config.yaml").read_text())
-    assert step7["scales"] == [0.75, 1.0, 1.25] and step7["flip"] and step7["input_long_side"] == 64
+    export_config = tiny_run.out / "export_config.yaml"
+    exported_cfg = yaml.safe_load(export_config.read_text())
+    assert exported_cfg["scales"] == [0.75, 1.0, 1.25] and exported_cfg["flip"]
+    assert exported_cfg["input_long_side"] == 64
     best = torch.load(tiny_run.out / "best.pt", weights_only=True)
     trained = build_model(best["model_config"])
     trained.load_state_dict(best["model"])
@@ -158,7 +144,7 @@ def test_copied_submission_folder_predicts_from_the_step6_export(tiny_run, tmp_p
         # The same pixels as step 6's network and view code give. Not bit-exact by contract
         # (thread counts and batching reorder float sums: a near tie may flip), but a
         # missed resize, scale, flip or weight gives 3 % to 75 % of the pixels wrong.
-        assert (mask == step6_tta_mask(trained, image, step7)).mean() >= 0.999, name
+        assert (mask == in_process_mask(trained, image, export_config)).mean() >= 0.999, name
 
 
 def test_gt_mask_source_needs_no_pseudo_masks_and_resume_finishes(tmp_path):
@@ -213,10 +199,11 @@ def test_validation_upsamples_logits_bilinearly_to_the_original_size():
     model = FixedLogits(low)
     model.encoder = type("Encoder", (), {"output_stride": 1})()
 
-    logits = full_size_logits(model, torch.zeros(1, 3, 4, 4), input_long_side=2)
-    assert model.seen_sizes == [(2, 2)] and logits.shape == (1, 4, 4, 4)
+    probabilities = step7.predict_probabilities(model, torch.zeros(1, 3, 4, 4), [1.0], False,
+                                                input_long_side=2)
+    assert model.seen_sizes == [(2, 2)] and probabilities.shape == (4, 4, 4)
     expected = np.tile(np.array([1, 3, 3, 2], np.uint8), (4, 1))
-    np.testing.assert_array_equal(logits.argmax(1)[0].numpy(), expected)
+    np.testing.assert_array_equal(probabilities.argmax(0).numpy(), expected)
 
     class Source:  # ground truth = the bilinear answer, with one ignored pixel
         num_classes, class_names, ids = 4, ["bg", "a", "b", "c"], ["x"]
@@ -373,7 +360,7 @@ def test_class_head_trains_and_exports_its_gate(tmp_path):
     train_segmentation(cfg)
     out = tmp_path / "6_segmentation"
     assert yaml.safe_load((out / "export_config.yaml").read_text())["class_gate"] == 0.4
-    loaded = import_submit_model().load_checkpoint(out / "model.pt")
+    loaded = submit_model.load_checkpoint(out / "model.pt")
     assert loaded.model_config["class_head"] is True
     logits, class_logits = loaded.model(torch.zeros(1, 3, 64, 64))
     assert logits.shape == (1, 7, 64, 64) and class_logits.shape == (1, 6)

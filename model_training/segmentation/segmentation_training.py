@@ -3,7 +3,7 @@
 ``mask_source: pseudo`` reads ``<work_dir>/5_pseudo_masks/<id>.png`` for the training split;
 ``mask_source: gt`` trains on the dataset's own masks with the same settings, the fully
 supervised upper bound the pseudo-mask model is judged against. Validation scores the
-full-size val images (logits upsampled bilinearly to each image's size, as step 7 does),
+full-size val images with step 7's own prediction code (one view, no gate),
 ``best.pt`` is the best val mIoU, and the end of the run exports ``model.pt`` plus
 ``export_config.yaml`` in the format of the standalone submission folder (step 7).
 """
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from inference.common.metrics import IGNORE_INDEX, ConfusionMatrix
 from inference.common.progress import progress
 from inference.common.provenance import claim_folder
+from inference.segmentation.submit.generate_predictions import network_stride, predict_probabilities
 from inference.segmentation.submit.model import class_head_params, split_outputs
 from inference.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done, pending_ids,
                                       read_done, report_failure, run_over_images, save_png,
@@ -179,11 +180,6 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def network_stride(model: nn.Module) -> int:
-    """Input sides must be a multiple of this (the encoder's output stride)."""
-    return int(getattr(getattr(model, "encoder", None), "output_stride", 32))
-
-
 def param_groups(model: nn.Module, new_layer_lr_mult: float) -> list[dict]:
     """Encoder at the base LR; decoder and head (new layers) at ``new_layer_lr_mult`` times it."""
     encoder = list(model.encoder.parameters())
@@ -292,27 +288,6 @@ def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed
 
 # ---- validation ---------------------------------------------------------------------------
 
-def full_size_logits(model: nn.Module, image: torch.Tensor, input_long_side: int | None) -> torch.Tensor:
-    """Logits (1,K,H,W) at the size of the normalised ``image`` (1,3,H,W).
-
-    The network sees the image resized to ``input_long_side`` and zero-padded to a multiple
-    of its stride; its logits are cropped back and upsampled bilinearly to (H,W), exactly
-    like step 7 at scale 1.
-    """
-    height, width = image.shape[-2:]
-    view = image
-    if input_long_side:
-        scale = input_long_side / max(height, width)
-        size = (max(1, round(height * scale)), max(1, round(width * scale)))
-        if size != (height, width):
-            view = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
-    stride = network_stride(model)
-    view_h, view_w = view.shape[-2:]
-    padded = F.pad(view, (0, -view_w % stride, 0, -view_h % stride))
-    logits = split_outputs(model(padded))[0][..., :view_h, :view_w].float()
-    return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-
-
 def usable_val_ids(source: ImageSource, ids: Sequence[str], on_error: str = "skip") -> list[str]:
     """The val ids whose image and mask load and fit each other, checked once before
     training: a bad val mask would otherwise end the run in the first validation, after a
@@ -351,7 +326,7 @@ def evaluate(model: nn.Module, source: ImageSource, ids: Sequence[str],
                 raise
             continue
         tensor = image_to_tensor(image)[None].to(device)
-        pred = full_size_logits(model, tensor, input_long_side).argmax(1)[0]
+        pred = predict_probabilities(model, tensor, [1.0], False, input_long_side).argmax(0)
         matrix.update(pred.cpu().numpy(), mask)
     return matrix.summary(source.class_names)
 
@@ -421,9 +396,7 @@ def predict_training_masks(model: nn.Module, source: ImageSource, out_dir: Path,
 
     def predict(image_id: str) -> None:
         tensor = image_to_tensor(source.load_image(image_id))[None].to(device)
-        views = torch.cat([tensor, tensor.flip(-1)])
-        logits = full_size_logits(model, views, input_long_side)
-        probs = (logits[:1].softmax(1) + logits[1:].flip(-1).softmax(1))[0] / 2
+        probs = predict_probabilities(model, tensor, [1.0], True, input_long_side)
         allowed = torch.zeros(len(probs), dtype=torch.bool, device=device)
         allowed[[0, *source.labels(image_id)]] = True
         probs = probs * allowed[:, None, None]

@@ -26,7 +26,10 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from model import CheckpointError, LoadedModel, load_checkpoint, split_outputs
+if __package__:  # imported by the training repo (step 6 validates with this code)
+    from .model import CheckpointError, LoadedModel, load_checkpoint, split_outputs
+else:  # run as a script, from this folder or a copy of it
+    from model import CheckpointError, LoadedModel, load_checkpoint, split_outputs
 
 HERE = Path(__file__).resolve().parent
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
