@@ -280,8 +280,9 @@ def test_class_head_checkpoint_round_trips_and_gates(submit, headed):
 
 def test_class_gate_without_a_class_head_is_one_line(submit, checkpoint_file, tmp_path, capsys):
     write_images(tmp_path / "images")
-    code = submit.gp.main([str(tmp_path / "out"), str(tmp_path / "images"), "class_gate=0.5",
-                           "--weights", str(checkpoint_file), "--device", "cpu"])
+    # key=value after the options, as README's example puts them
+    code = submit.gp.main([str(tmp_path / "out"), str(tmp_path / "images"), "--weights",
+                           str(checkpoint_file), "--device", "cpu", "class_gate=0.5"])
     assert code == 1 and not (tmp_path / "out").exists()
     assert capsys.readouterr().err.strip().endswith("has no class head (train it with step 6 model.class_head: true)")
     with pytest.raises(submit.gp.UsageError, match="class_gate must be null or a number in"):

@@ -285,7 +285,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ids", type=Path, help="text file of image ids to predict (others skipped)")
     parser.add_argument("--shard", default="0/1", help="i/n: handle every n-th image from the i-th")
     parser.add_argument("--overwrite", action="store_true", help="redo images whose mask exists")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # key=value items also after the options
 
 
 def read_settings(args: argparse.Namespace) -> tuple[dict[str, Any], Path]:
