@@ -239,3 +239,23 @@ def test_merge_cams():
         merge_cams(cams([1, 3]), cams([3]))
     with pytest.raises(ValueError, match="sizes differ"):
         merge_cams(cams([1]), cams([2], h=5))
+
+
+def test_step2_takes_the_classifier_epoch_it_is_told(tmp_path):
+    from inference.common import cam_step
+    from model_training.common.config import ConfigError, load_config
+
+    for folder in ("1_classifier", "1_classifier_person"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "best.pt").write_bytes(b"")
+    (tmp_path / "1_classifier" / "last.pt").write_bytes(b"")
+
+    def checkpoints(*overrides):
+        return cam_step._check(load_config(None, [f"work_dir={tmp_path}", *overrides], cam_step.DEFAULTS))
+
+    assert checkpoints() == [tmp_path / "1_classifier" / "best.pt"]  # the default: best val mAP
+    assert checkpoints("cam.classifier_epoch=last") == [tmp_path / "1_classifier" / "last.pt"]
+    with pytest.raises(ConfigError, match="cam.extra_classifiers.*1_classifier_person/last.pt"):
+        checkpoints("cam.classifier_epoch=last", "cam.extra_classifiers=[person]")
+    with pytest.raises(ConfigError, match="key 'cam.classifier_epoch' must be one of best, last"):
+        checkpoints("cam.classifier_epoch=final")

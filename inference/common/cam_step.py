@@ -27,10 +27,15 @@ from .provenance import claim_folder
 from .step_io import (classifier_dir, clear_done, mark_done, pending_ids, run_over_images,
                       save_cams, shard_ids, step_dir)
 
+CLASSIFIER_EPOCHS = ("best", "last")
+
 DEFAULTS = {
     "cam": {
         "split": "train",
-        "checkpoint": None,  # None: <work_dir>/1_classifier/best.pt
+        "checkpoint": None,  # None: <work_dir>/1_classifier/<classifier_epoch>.pt
+        # best: the highest val mAP (best.pt); last: the final epoch's weights (last.pt), as
+        # IRNet's CAMs use; also for extra_classifiers
+        "classifier_epoch": "best",
         "method": "gradcam++",  # cam | gradcam | gradcam++
         "scales": [1.0, 0.5, 1.5, 2.0],
         "flip": True,
@@ -40,7 +45,7 @@ DEFAULTS = {
         "target_layer": None,  # None: the classifier's features (closed form); else autograd
         "input_long_side": None,  # upscale small images to this long side before the network
         "extra_checkpoints": [],  # binary classifiers of excluded classes: CAMs merged in
-        "extra_classifiers": [],  # variants of step 1 (e.g. person): 1_classifier_<v>/best.pt
+        "extra_classifiers": [],  # variants of step 1 (e.g. person): 1_classifier_<v>/
     },
 }
 
@@ -127,12 +132,14 @@ class CamExtractor:
 def _check(cfg) -> list[Path]:
     c = cfg.cam
     for key, value, allowed in (("method", c.method, METHODS), ("labels", c.labels, LABEL_MODES),
-                                ("normalize", c.normalize, NORMALIZATIONS)):
+                                ("normalize", c.normalize, NORMALIZATIONS),
+                                ("classifier_epoch", c.classifier_epoch, CLASSIFIER_EPOCHS)):
         if value not in allowed:
             raise ConfigError(f"key 'cam.{key}' must be one of {', '.join(allowed)}, got {value!r}")
-    checkpoints = [("cam.checkpoint", Path(c.checkpoint or classifier_dir(cfg.work_dir) / "best.pt"))]
+    weights = f"{c.classifier_epoch}.pt"
+    checkpoints = [("cam.checkpoint", Path(c.checkpoint or classifier_dir(cfg.work_dir) / weights))]
     checkpoints += [("cam.extra_checkpoints", Path(p)) for p in c.extra_checkpoints]
-    checkpoints += [("cam.extra_classifiers", classifier_dir(cfg.work_dir, v) / "best.pt")
+    checkpoints += [("cam.extra_classifiers", classifier_dir(cfg.work_dir, v) / weights)
                     for v in c.extra_classifiers]
     for key, path in checkpoints:
         if not path.is_file():
