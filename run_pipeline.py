@@ -16,31 +16,33 @@ fully supervised result the pseudo masks reach.
 from __future__ import annotations
 
 import argparse
-import importlib
 import time
 from pathlib import Path
+from types import ModuleType
 
-from inference.common.examples import write_examples
-from inference.common.provenance import stale_message, stale_reasons
-from inference.common.report import (GT_BOUND_DIR, build_report, format_report, score_stages,
-                                     write_report)
-from inference.common.step_io import STEP_DIRS, read_done
-from inference.segmentation.predict_step import predicted_split
-from model_training.common.config import (COMMON_DEFAULTS, ConfigError, StepError,
-                                          exit_on_config_error, load_config, merge_defaults,
-                                          parse_override)
+from inference.irn_steps import cam_step, ir_label_step, pseudo_mask_step
+from inference.scoring.examples import write_examples
+from inference.scoring.report import (GT_BOUND_DIR, build_report, format_report, score_stages,
+                                      write_report)
+from inference.segmentation import predict_step
+from model_training.cam_generation import classifier_training, irn_training
+from model_training.common.config import (COMMON_DEFAULTS, ConfigError, StepError, load_config,
+                                          merge_defaults, parse_override)
 from model_training.common.datasets import build_source
+from model_training.common.provenance import stale_message, stale_reasons
+from model_training.common.step_cli import exit_on_config_error
+from model_training.common.step_io import STEP_DIRS, read_done
+from model_training.segmentation import segmentation_training
 
-# (step, config file, module with the DEFAULTS, ``step_inputs`` and the function the step's
-# script calls)
+# (step, config file, step module: DEFAULTS, step_inputs, run, summary_line)
 STEPS = [
-    (1, "1_classifier.yaml", "model_training.cam_generation.classifier_training:train_classifier"),
-    (2, "2_cam.yaml", "inference.common.cam_step:run"),
-    (3, "3_crf.yaml", "inference.common.ir_label_step:run"),
-    (4, "4_irn.yaml", "model_training.cam_generation.irn_training:run"),
-    (5, "5_irn_inference.yaml", "inference.common.pseudo_mask_step:run"),
-    (6, "6_segmentation.yaml", "model_training.segmentation.segmentation_training:train_segmentation"),
-    (7, "7_submit.yaml", "inference.segmentation.predict_step:run"),
+    (1, "1_classifier.yaml", classifier_training),
+    (2, "2_cam.yaml", cam_step),
+    (3, "3_crf.yaml", ir_label_step),
+    (4, "4_irn.yaml", irn_training),
+    (5, "5_irn_inference.yaml", pseudo_mask_step),
+    (6, "6_segmentation.yaml", segmentation_training),
+    (7, "7_submit.yaml", predict_step),
 ]
 
 
@@ -53,25 +55,23 @@ def _has_key(defaults: dict, dotted: str) -> bool:
     return True
 
 
-def step_files(config_dir: Path) -> list[tuple[str, str, str]]:
-    """(step folder, config file, target) in running order: the seven steps, and after step 1
+def step_files(config_dir: Path) -> list[tuple[str, str, ModuleType]]:
+    """(step folder, config file, step module) in running order: the seven steps, and after step 1
     every extra classifier the folder holds (``1_classifier_<variant>.yaml``, e.g. the binary
     person model of "no people allowed", which step 2 merges through ``cam.extra_classifiers``)."""
-    files = [(STEP_DIRS[step], file_name, target) for step, file_name, target in STEPS]
+    files = [(STEP_DIRS[step], file_name, module) for step, file_name, module in STEPS]
     extras = [(path.stem, path.name, STEPS[0][2])
               for path in sorted(config_dir.glob(f"{STEP_DIRS[1]}_*.yaml"))]
     return files[:1] + extras + files[1:]
 
 
 def load_step_configs(config_dir: Path, overrides: list[str]) -> list[tuple]:
-    """(step folder, run function, validated config, inputs function) of every step, before
-    anything runs; an override no step knows is an error."""
+    """(step folder, step module, validated config) of every step, before anything runs; an
+    override no step knows is an error."""
     if not config_dir.is_dir():
         raise ConfigError(f"config folder not found: {config_dir}")
     loaded, used = [], set()
-    for name, file_name, target in step_files(config_dir):
-        module_name, function_name = target.split(":")
-        module = importlib.import_module(module_name)
+    for name, file_name, module in step_files(config_dir):
         defaults = merge_defaults(COMMON_DEFAULTS, module.DEFAULTS)
         mine = [o for o in overrides if _has_key(defaults, parse_override(o)[0])]
         used.update(mine)
@@ -80,7 +80,7 @@ def load_step_configs(config_dir: Path, overrides: list[str]) -> list[tuple]:
         if variant is not None and cfg.variant != variant:
             raise ConfigError(f"key 'variant' in {config_dir / file_name} must be {variant!r} "
                               f"(the file's name), got {cfg.variant!r}")
-        loaded.append((name, getattr(module, function_name), cfg, module.step_inputs))
+        loaded.append((name, module, cfg))
     unknown = [o for o in overrides if o not in used]
     if unknown:
         raise ConfigError(f"override '{unknown[0]}' matches no key of any step's config")
@@ -95,10 +95,10 @@ def run_steps(step_configs, label: str = "") -> dict:
     A StepError of a step comes out with the step's folder in front (``[2_cams] ...``), so
     the one line the pipeline prints says which of the seven steps stopped."""
     seconds = {}
-    for name, run_step, cfg, step_inputs in step_configs:
+    for name, step, cfg in step_configs:
         shown = f"{label}/{name}" if label else name
         folder = Path(cfg.work_dir) / name
-        reasons = stale_reasons(folder, cfg, step_inputs(cfg))
+        reasons = stale_reasons(folder, cfg, step.step_inputs(cfg), step.DEFAULTS)
         done = read_done(folder)
         if done is not None and not reasons:
             print(f"[{shown}] finished earlier: skipped")
@@ -109,9 +109,10 @@ def run_steps(step_configs, label: str = "") -> dict:
         print(f"[{shown}] running" + (f" again: {reasons[0]}" if reasons else ""))
         start = time.time()
         try:
-            run_step(cfg)
+            summary = step.run(cfg)
         except StepError as err:
             raise StepError(f"[{shown}] {err}") from None
+        print(f"[{shown}] {step.summary_line(summary)}")
         seconds[name] = round(time.time() - start, 2)
     return seconds
 
@@ -138,10 +139,10 @@ def main(argv=None) -> dict:
     step_configs = exit_on_config_error(load_step_configs, args.config_dir, args.overrides)
     seconds = exit_on_config_error(run_steps, step_configs)
     cfg = step_configs[-1][2]
-    cam_split = next(c for name, _, c, _ in step_configs if name == STEP_DIRS[2]).cam.split
+    cam_split = next(c for name, _, c in step_configs if name == STEP_DIRS[2]).cam.split
     if args.gt_bound:
         seconds[GT_BOUND_DIR] = run_gt_bound(args.config_dir, args.overrides, cfg.work_dir)
-    stages = exit_on_config_error(score_stages, cfg, cam_split, predicted_split(cfg))
+    stages = exit_on_config_error(score_stages, cfg, cam_split, predict_step.predicted_split(cfg))
     report = build_report(cfg, stages, seconds)
     write_report(report, cfg.work_dir)
     print(format_report(report))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pytorch_grad_cam import GradCAMPlusPlus
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from inference.common.cam import CAM_STRIDE, DEFAULT_SCALES, multiscale_cams
+from inference.irn_steps.cam import CAM_STRIDE, DEFAULT_SCALES, multiscale_cams
 from model_training.common.models.classifier import build_cam_classifier
 
 SIZE = 320

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.common.random_walk import random_walk, random_walk_dense_reference
+from inference.irn_steps.random_walk import random_walk, random_walk_dense_reference
 
 NUM_CLASSES = 3
 SPARSE_REPEATS = 3

@@ -17,12 +17,13 @@ import json
 import sys
 from pathlib import Path
 
-from inference.common.evaluation import (evaluate_cam_folder, evaluate_label_folder,
-                                         format_table, ids_in_folders, png_folder_loader)
-from inference.common.metrics import IGNORE_INDEX
-from inference.common.step_io import atomic_write
-from model_training.common.config import ConfigError, StepError, exit_on_config_error
+from model_training.common.config import ConfigError, StepError
 from model_training.common.datasets.voc import read_id_list
+from model_training.common.evaluation import (evaluate_cam_folder, evaluate_label_folder,
+                                              format_table, ids_in_folders, png_folder_loader)
+from model_training.common.metrics import IGNORE_INDEX
+from model_training.common.step_cli import exit_on_config_error
+from model_training.common.step_io import atomic_write
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,11 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.common import auto_thresholds, ir_label_step
-from inference.common.auto_thresholds import from_cam_threshold, resolve_auto
-from inference.common.step_io import read_done, save_cams, step_dir
+from inference.irn_steps import ir_label_step
+from model_training.common import auto_thresholds
+from model_training.common.auto_thresholds import from_cam_threshold, resolve_auto
 from model_training.common.config import ConfigError, load_config
 from model_training.common.datasets.toy import ToySource
+from model_training.common.step_io import read_done, save_cams, step_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
 TINY_TOY = ["device=cpu", "num_workers=0", "dataset.toy.num_train=4", "dataset.toy.num_val=2",

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from inference.common import cam_step, ir_label_step, pseudo_mask_step
-from inference.common.step_io import load_cams, load_png, read_done, step_dir
-from model_training.cam_generation.irn_training import build_irnet
+from inference.irn_steps import cam_step, ir_label_step, pseudo_mask_step
 from model_training.common.config import ConfigError, load_config
 from model_training.common.datasets.toy import ToySource
 from model_training.common.models.classifier import build_cam_classifier
+from model_training.common.models.irnet import build_irnet
+from model_training.common.step_io import load_cams, load_png, read_done, step_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
 BACKBONE = "tf_efficientnet_lite0"

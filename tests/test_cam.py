@@ -12,17 +12,9 @@ from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from inference.common.cam import (
-    METHODS,
-    autograd_class_maps,
-    class_maps,
-    fast_class_maps,
-    merge_cams,
-    multiscale_cams,
-    predicted_outputs,
-    select_outputs,
-    uses_fast_path,
-)
+from inference.irn_steps.cam import (METHODS, autograd_class_maps, class_maps, fast_class_maps,
+                                     merge_cams, multiscale_cams, predicted_outputs, select_outputs,
+                                     uses_fast_path)
 
 NUM_OUTPUTS = 4
 REFERENCE = {"cam": HiResCAM, "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
@@ -242,7 +234,7 @@ def test_merge_cams():
 
 
 def test_step2_takes_the_classifier_epoch_it_is_told(tmp_path):
-    from inference.common import cam_step
+    from inference.irn_steps import cam_step
     from model_training.common.config import ConfigError, load_config
 
     for folder in ("1_classifier", "1_classifier_person"):

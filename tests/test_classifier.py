@@ -10,10 +10,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from model_training.cam_generation.classifier_training import (
-    DEFAULTS, MultiLabelDataset, RepeatFactorSampler, average_precision, classification_metrics,
-    collate_images, multilabel_loss, negative_weights, output_class_ids, positive_weights,
-    recam_loss, repeat_factors, train_classifier, training_images)
+from model_training.cam_generation import classifier_training
+from model_training.cam_generation.classifier_training import (DEFAULTS, MultiLabelDataset,
+                                                               RepeatFactorSampler,
+                                                               average_precision,
+                                                               classification_metrics,
+                                                               collate_images, multilabel_loss,
+                                                               negative_weights, output_class_ids,
+                                                               positive_weights, recam_loss,
+                                                               repeat_factors, training_images)
 from model_training.common.config import Config, ConfigError, load_config
 from model_training.common.datasets import build_source
 from model_training.common.models import (CamClassifier, build_backbone, build_cam_classifier,
@@ -215,7 +220,7 @@ def test_training_carries_on_past_unreadable_images(tmp_path, capsys):
     make_voc_with_bad_images(tmp_path / "voc")
     cfg = toy_config(tmp_path / "run", f"dataset={json.dumps({'name': 'voc', 'root': str(tmp_path / 'voc')})}",
                      "train.batch_size=2", "data.resize_long=[32,32]")
-    summary = train_classifier(cfg)
+    summary = classifier_training.run(cfg)
     assert summary["epochs"] == 1 and (tmp_path / "run" / "1_classifier" / "best.pt").is_file()
     err = capsys.readouterr().err
     assert "b.jpg" in err and "d.jpg" in err
@@ -224,7 +229,7 @@ def test_training_carries_on_past_unreadable_images(tmp_path, capsys):
 # ---- end to end on toy --------------------------------------------------------------------
 def test_one_tiny_epoch_writes_loadable_checkpoints_and_resumes(tmp_path, capsys):
     cfg = toy_config(tmp_path, "data.exclude_classes=[person]", "data.drop_images_with=[person]")
-    summary = train_classifier(cfg)
+    summary = classifier_training.run(cfg)
     out = tmp_path / "1_classifier"
     assert summary["class_ids"] == [2, 3, 4, 5, 6] and summary["epochs"] == 1
     source = build_source(Config(TOY), "train")
@@ -238,8 +243,8 @@ def test_one_tiny_epoch_writes_loadable_checkpoints_and_resumes(tmp_path, capsys
     assert (out / "config.yaml").is_file() and any((out / "tb").iterdir())
 
     with pytest.raises(ConfigError, match="resume=true"):
-        train_classifier(cfg)
-    resumed = train_classifier(toy_config(tmp_path, "data.exclude_classes=[person]",
+        classifier_training.run(cfg)
+    resumed = classifier_training.run(toy_config(tmp_path, "data.exclude_classes=[person]",
                                           "data.drop_images_with=[person]",
                                           "train.epochs=2", "resume=true"))
     assert resumed["epochs"] == 2
@@ -253,7 +258,7 @@ def test_one_tiny_epoch_writes_loadable_checkpoints_and_resumes(tmp_path, capsys
 def test_binary_classifier_for_an_excluded_class_from_its_own_list(tmp_path):
     source = build_source(Config(TOY), "train")
     (tmp_path / "person_ids.txt").write_text("\n".join(source.ids[:6]) + "\n")
-    summary = train_classifier(toy_config(
+    summary = classifier_training.run(toy_config(
         tmp_path, "variant=person", "data.target_classes=[person]",
         f"data.train_list={tmp_path / 'person_ids.txt'}"))
     checkpoint = torch.load(tmp_path / "1_classifier_person" / "best.pt", weights_only=True)
@@ -283,9 +288,9 @@ def test_recam_loss_matches_a_loop_over_labelled_classes():
 
 
 def test_recam_classifier_cams_use_both_heads_and_its_checkpoint_keeps_them(tmp_path):
-    from inference.common.cam import fast_class_maps
+    from inference.irn_steps.cam import fast_class_maps
 
-    summary = train_classifier(toy_config(tmp_path, "model.recam=true", "loss.recam_weight=0.5"))
+    summary = classifier_training.run(toy_config(tmp_path, "model.recam=true", "loss.recam_weight=0.5"))
     out = tmp_path / "1_classifier"
     checkpoint = torch.load(out / "best.pt", weights_only=True)
     assert checkpoint["arch"]["recam"] is True and "recam_head.weight" in checkpoint["model"]
@@ -300,7 +305,8 @@ def test_recam_classifier_cams_use_both_heads_and_its_checkpoint_keeps_them(tmp_
         expected = torch.einsum("kc,bchw->bkhw", weight, model.features(x))
         torch.testing.assert_close(fast_class_maps(model, x, range(weight.shape[0])), expected)
     # step 2 takes them from the features; autograd at another layer would ignore ReCAM's head
-    from inference.common.cam_step import DEFAULTS as CAM_DEFAULTS, CamExtractor
+    from inference.irn_steps.cam_step import DEFAULTS as CAM_DEFAULTS
+    from inference.irn_steps.cam_step import CamExtractor
 
     cam_cfg = load_config(None, [f"work_dir={tmp_path}", "cam.target_layer=backbone"], CAM_DEFAULTS).cam
     with pytest.raises(ConfigError, match="key 'cam.target_layer': .* ReCAM classifier"):

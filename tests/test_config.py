@@ -7,8 +7,9 @@ import pytest
 import yaml
 
 from model_training.common import config as config_module
-from model_training.common.config import (ConfigError, load_config, parse_step_args,
-                                          save_config)
+from model_training.common.config import ConfigError, load_config
+from model_training.common.step_cli import parse_step_args
+from model_training.common.step_io import save_config
 
 STEP_DEFAULTS = {"train": {"epochs": 5, "lr": 0.01, "scales": [1.0]}, "model": {"name": "resnet50"}}
 
@@ -132,8 +133,8 @@ def test_step_script_exits_2_with_one_line(tmp_path, override, needle):
 
 def step_defaults():
     """Two real steps' keys: the training section and step 3's thresholds (some take auto)."""
-    from inference.common.cam_step import DEFAULTS as CAM_DEFAULTS
-    from inference.common.ir_label_step import DEFAULTS as CRF_DEFAULTS
+    from inference.irn_steps.cam_step import DEFAULTS as CAM_DEFAULTS
+    from inference.irn_steps.ir_label_step import DEFAULTS as CRF_DEFAULTS
     from model_training.common.config import merge_defaults
     from model_training.common.trainer import TRAIN_DEFAULTS
 

@@ -6,11 +6,22 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from inference.common import ir_labels, step_io
-from inference.common.crf import crf_inference
-from inference.common.ir_labels import UNSURE, cams_to_ir_label, process_image, run_pool
+from inference.irn_steps import ir_labels
+from inference.irn_steps.ir_label_step import DEFAULTS, crf_params
+from inference.irn_steps.ir_labels import UNSURE, cams_to_ir_label, process_image, run_pool
+from model_training.common import step_io
+from model_training.common.config import load_config
+from model_training.common.crf import IRNET_PARAMS, crf_inference
 
 CLASS_IDS = (3, 5)  # deliberately not 1..K: labels must map back to the dataset's ids
+STEP = load_config(None, [], DEFAULTS).crf  # step 3's defaults: IRNet's thresholds and CRF
+IRNET = {"conf_fg_thres": STEP.conf_fg_thres, "conf_bg_thres": STEP.conf_bg_thres,
+         "crf_params": crf_params(STEP)}
+
+
+def ir_label(image, keys, cams, **changes):
+    """``cams_to_ir_label`` with step 3's defaults, except ``changes``."""
+    return cams_to_ir_label(image, keys, cams, **{**IRNET, **changes})
 
 
 def synthetic_scene(seed: int = 0, h: int = 48, w: int = 64):
@@ -67,7 +78,7 @@ def fg_pixels(label):
 
 def test_crf_recovers_shapes_better_than_thresholded_cams():
     image, truth, cams = synthetic_scene()
-    refined = cams_to_ir_label(image, CLASS_IDS, cams)
+    refined = ir_label(image, CLASS_IDS, cams)
     baseline = thresholded_cams(cams)
 
     assert confident_accuracy(refined, truth) > 0.97
@@ -84,8 +95,8 @@ def test_crf_inference_label_and_probability_inputs():
     noisy_labels = scores.argmax(axis=0)
     probs = np.exp(8 * scores) / np.exp(8 * scores).sum(axis=0)
 
-    from_labels = crf_inference(image, noisy_labels, n_labels=3)
-    from_probs = crf_inference(image, probs, n_labels=3)
+    from_labels = crf_inference(image, noisy_labels, n_labels=3, **IRNET_PARAMS)
+    from_probs = crf_inference(image, probs, n_labels=3, **IRNET_PARAMS)
     assert from_labels.shape == from_probs.shape == truth.shape
     raw_accuracy = (noisy_labels == truth_index).mean()
     assert (from_labels == truth_index).mean() > max(0.95, raw_accuracy + 0.05)
@@ -101,7 +112,7 @@ def test_output_holds_only_background_image_classes_and_unsure(monkeypatch):
 
     monkeypatch.setattr(ir_labels, "crf_inference", recording_crf)
     image, _, cams = synthetic_scene()
-    label = cams_to_ir_label(image, CLASS_IDS, cams)
+    label = ir_label(image, CLASS_IDS, cams)
 
     assert label.dtype == np.uint8 and label.shape == image.shape[:2]
     assert set(np.unique(label)) == {0, *CLASS_IDS, UNSURE}
@@ -110,7 +121,7 @@ def test_output_holds_only_background_image_classes_and_unsure(monkeypatch):
 
 def test_raising_fg_threshold_shrinks_confident_foreground():
     image, _, cams = synthetic_scene()
-    coverage = [fg_pixels(cams_to_ir_label(image, CLASS_IDS, cams, conf_fg_thres=t))
+    coverage = [fg_pixels(ir_label(image, CLASS_IDS, cams, conf_fg_thres=t))
                 for t in (0.1, 0.3, 0.6, 0.8)]
     assert coverage == sorted(coverage, reverse=True)
     assert coverage[-1] < coverage[1]
@@ -118,7 +129,7 @@ def test_raising_fg_threshold_shrinks_confident_foreground():
 
 def test_raising_bg_threshold_grows_confident_background():
     image, _, cams = synthetic_scene()
-    labels = [cams_to_ir_label(image, CLASS_IDS, cams, conf_bg_thres=t)
+    labels = [ir_label(image, CLASS_IDS, cams, conf_bg_thres=t)
               for t in (0.01, 0.05, 0.1, 0.2)]
     background = [int((label == 0).sum()) for label in labels]
     assert background == sorted(background)
@@ -128,10 +139,9 @@ def test_raising_bg_threshold_grows_confident_background():
 
 def test_crf_params_are_passed_through():
     image, _, cams = synthetic_scene()
-    default = cams_to_ir_label(image, CLASS_IDS, cams)
-    weak_pairwise = cams_to_ir_label(
-        image, CLASS_IDS, cams, crf_params={"t": 1, "gaussian": [3, 0], "bilateral": [50, 5, 0]}
-    )
+    default = ir_label(image, CLASS_IDS, cams)
+    no_pairwise = {**IRNET_PARAMS, "t": 1, "gaussian": [3, 0], "bilateral": [50, 5, 0]}
+    weak_pairwise = ir_label(image, CLASS_IDS, cams, crf_params=no_pairwise)
     # without pairwise terms the CRF keeps the thresholded CAMs' labels
     assert np.array_equal(weak_pairwise, thresholded_cams(cams))
     assert not np.array_equal(weak_pairwise, default)
@@ -139,12 +149,12 @@ def test_crf_params_are_passed_through():
 
 def test_image_without_classes_is_background_and_bad_shapes_are_rejected():
     image, _, cams = synthetic_scene()
-    empty = cams_to_ir_label(image, [], np.zeros((0,) + image.shape[:2], np.float32))
+    empty = ir_label(image, [], np.zeros((0,) + image.shape[:2], np.float32))
     assert empty.dtype == np.uint8 and not empty.any()
     with pytest.raises(ValueError):
-        cams_to_ir_label(image, CLASS_IDS, cams[:, :-1])
+        ir_label(image, CLASS_IDS, cams[:, :-1])
     with pytest.raises(ValueError):
-        cams_to_ir_label(image, CLASS_IDS[:1], cams)
+        ir_label(image, CLASS_IDS[:1], cams)
 
 
 def write_synthetic_cams(cam_dir, ids):
@@ -168,7 +178,7 @@ def test_process_image_pool_writes_labels_and_skips_broken_images(tmp_path, capf
     write_synthetic_cams(cam_dir, ids)
 
     worker = functools.partial(process_image, load_image=SyntheticImages(),
-                               cam_dir=cam_dir, out_dir=out_dir)
+                               cam_dir=cam_dir, out_dir=out_dir, **IRNET)
     done, failed = run_pool(ids + ["7"], worker, num_workers=num_workers)  # 7 has no CAMs
 
     assert (done, failed) == (3, ["7"])
@@ -177,7 +187,7 @@ def test_process_image_pool_writes_labels_and_skips_broken_images(tmp_path, capf
     for image_id in ids:
         image, _, cams = synthetic_scene(seed=int(image_id))
         cams = cams.astype(np.float16).astype(np.float32)  # as stored
-        expected = cams_to_ir_label(image, CLASS_IDS, cams)
+        expected = ir_label(image, CLASS_IDS, cams)
         assert np.array_equal(step_io.load_png(out_dir / f"{image_id}.png"), expected)
 
 
@@ -185,6 +195,6 @@ def test_process_image_pool_writes_labels_and_skips_broken_images(tmp_path, capf
 def test_pool_stops_at_first_failure_when_asked(tmp_path, num_workers):
     write_synthetic_cams(tmp_path, ["0", "1"])
     worker = functools.partial(process_image, load_image=SyntheticImages(),
-                               cam_dir=tmp_path, out_dir=tmp_path)
+                               cam_dir=tmp_path, out_dir=tmp_path, **IRNET)
     with pytest.raises((RuntimeError, FileNotFoundError), match="7"):  # 7 has no CAMs
         run_pool(["0", "7", "1"], worker, num_workers=num_workers, on_error="stop")

@@ -23,13 +23,12 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from inference.common import cam_step
-from inference.common.step_io import clear_done, mark_done, read_done, shard_ids
-from inference.irn_steps import multiscale_cam
+from inference.irn_steps import cam_step, multiscale_cam
 from model_training.cam_generation import classifier_training
-from model_training.cam_generation.classifier_training import DEFAULTS, train_classifier
+from model_training.cam_generation.classifier_training import DEFAULTS
 from model_training.common import distributed
 from model_training.common.config import ConfigError, load_config, merge_defaults
+from model_training.common.step_io import clear_done, mark_done, read_done, shard_ids
 from model_training.common.trainer import TRAIN_DEFAULTS, Trainer, seed_everything, unwrap
 from tests.conftest import REPO
 
@@ -198,7 +197,7 @@ def _step1_rank_worker(rank: int, port: int, work_dir: str, report: str) -> None
 
     classifier_training.Trainer = WeightKeepingTrainer
     try:
-        train_classifier(load_config(REPO / "configs/toy/1_classifier.yaml",
+        classifier_training.run(load_config(REPO / "configs/toy/1_classifier.yaml",
                                      [f"work_dir={work_dir}", *ONE_STEP_PER_RANK], DEFAULTS))
         torch.save(seen, f"{report}.{rank}")
     finally:
@@ -231,7 +230,7 @@ def test_step1_ranks_hold_the_same_weights_after_one_step(tmp_path):
 def classifiers(tmp_path_factory):
     """Step 1 in one process and under torchrun: their output folders."""
     root = tmp_path_factory.mktemp("classifier")
-    train_classifier(load_config(REPO / "configs/toy/1_classifier.yaml",
+    classifier_training.run(load_config(REPO / "configs/toy/1_classifier.yaml",
                                  [f"work_dir={root / 'single'}", *CLASSIFIER], DEFAULTS))
     torchrun("model_training/cam_generation/train_classifier.py", "--config",
              "configs/toy/1_classifier.yaml", f"work_dir={root / 'ddp'}", *CLASSIFIER)

@@ -8,10 +8,11 @@ import sys
 import numpy as np
 import pytest
 
-from inference.common.evaluation import evaluate_cam_folder, evaluate_label_folder, png_folder_loader
-from inference.common.metrics import ConfusionMatrix
-from inference.common.step_io import save_cams, save_png
 from model_training.common.config import ConfigError
+from model_training.common.evaluation import (evaluate_cam_folder, evaluate_label_folder,
+                                              png_folder_loader)
+from model_training.common.metrics import ConfusionMatrix
+from model_training.common.step_io import save_cams, save_png
 from tests.conftest import REPO
 
 
@@ -267,8 +268,8 @@ def test_cam_folder_missing_file_and_foreign_keys(tmp_path):
 
 def test_report_scores_what_a_step_wrote_and_records_what_it_left_out(tmp_path):
     """Step 5 skipped a bad image: its stage is scored on the rest and says one is missing."""
-    from inference.common import pseudo_mask_step
-    from inference.common.report import score_stages
+    from inference.irn_steps import pseudo_mask_step
+    from inference.scoring.report import score_stages
     from model_training.common.config import load_config
     from model_training.common.datasets import build_source
 

@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 import run_pipeline
-from inference.common.report import build_report, format_report
-from inference.common.step_io import load_cams
-from model_training.common.config import ConfigError, Config
+from inference.scoring.report import build_report, format_report
+from model_training.common.config import Config, ConfigError
 from model_training.common.datasets import build_source
+from model_training.common.step_io import load_cams
 from tests.conftest import REPO
 
 TINY = ["device=cpu", "num_workers=0", "dataset.toy.num_train=8", "dataset.toy.num_val=4",

@@ -132,7 +132,7 @@ def test_report_has_per_class_iou_of_every_stage(tiny_run):
 
 
 def test_gt_bound_report_gives_the_ratio():
-    from inference.common.report import format_report
+    from inference.scoring.report import format_report
 
     per_class = {"background": 90.0, "car": 30.0}
     report = {"classifier": {"val_map": None}, "seconds": {"7_predictions": 1.0, "gt_bound": 2.0},

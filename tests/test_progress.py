@@ -5,8 +5,8 @@ import sys
 
 from tqdm import tqdm
 
-from inference.common.progress import progress
-from inference.common.step_io import run_over_images
+from model_training.common.progress import progress
+from model_training.common.step_io import run_over_images
 
 
 def _lines(text: str) -> list[str]:

@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from inference.common.provenance import (PROVENANCE_FILE, claim_folder, input_identity,
-                                         stale_reasons)
-from inference.common.step_io import mark_done, read_done, remove_temp_files
 from model_training.common.config import ConfigError, load_config
+from model_training.common.provenance import (PROVENANCE_FILE, claim_folder, input_identity,
+                                              stale_reasons)
+from model_training.common.step_io import mark_done, read_done, remove_temp_files
 
 DEFAULTS = {"resume": False, "crf": {"conf_fg_thres": 0.55, "num_workers": 1},
             "train": {"epochs": 3}}
@@ -20,7 +20,7 @@ def _cfg(tmp_path, *overrides):
 
 def test_first_claim_records_settings_without_run_only_keys(tmp_path):
     folder = tmp_path / "3_ir_labels"
-    claim_folder(folder, _cfg(tmp_path), {"cams": tmp_path / "2_cams"})
+    claim_folder(folder, _cfg(tmp_path), {"cams": tmp_path / "2_cams"}, DEFAULTS)
     recipe = json.loads((folder / PROVENANCE_FILE).read_text())
     assert recipe["settings"]["crf.conf_fg_thres"] == 0.55
     assert not {"work_dir", "device", "num_workers", "crf.num_workers", "overwrite",
@@ -31,11 +31,11 @@ def test_first_claim_records_settings_without_run_only_keys(tmp_path):
 
 def test_changed_setting_stops_with_one_line_and_keeps_the_folder(tmp_path):
     folder = tmp_path / "3_ir_labels"
-    claim_folder(folder, _cfg(tmp_path), {})
+    claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
     mark_done(folder, {"written": 1})
     config_before = (folder / "config.yaml").read_text()
     with pytest.raises(ConfigError) as err:
-        claim_folder(folder, _cfg(tmp_path, "crf.conf_fg_thres=0.9"), {})
+        claim_folder(folder, _cfg(tmp_path, "crf.conf_fg_thres=0.9"), {}, DEFAULTS)
     message = str(err.value)
     assert "\n" not in message
     assert "crf.conf_fg_thres: 0.55 -> 0.9" in message
@@ -46,20 +46,20 @@ def test_changed_setting_stops_with_one_line_and_keeps_the_folder(tmp_path):
 
 def test_run_only_keys_do_not_count_and_an_unchanged_recipe_rewrites_nothing(tmp_path):
     folder = tmp_path / "3_ir_labels"
-    claim_folder(folder, _cfg(tmp_path), {})
+    claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
     mark_done(folder, {"written": 1})
     (folder / "config.yaml").write_text("left alone\n")
     claim_folder(folder, _cfg(tmp_path, "num_workers=0", "crf.num_workers=3", "device=cpu",
-                              "on_error=stop"), {})
+                              "on_error=stop"), {}, DEFAULTS)
     assert (folder / "config.yaml").read_text() == "left alone\n"
     assert read_done(folder) == {"written": 1}
 
 
 def test_overwrite_records_the_new_recipe_and_forgets_the_old_finish(tmp_path):
     folder = tmp_path / "3_ir_labels"
-    claim_folder(folder, _cfg(tmp_path), {})
+    claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
     mark_done(folder, {"written": 1})
-    claim_folder(folder, _cfg(tmp_path, "crf.conf_fg_thres=0.9", "overwrite=true"), {})
+    claim_folder(folder, _cfg(tmp_path, "crf.conf_fg_thres=0.9", "overwrite=true"), {}, DEFAULTS)
     assert read_done(folder) is None
     assert json.loads((folder / PROVENANCE_FILE).read_text())["settings"]["crf.conf_fg_thres"] == 0.9
     assert "conf_fg_thres: 0.9" in (folder / "config.yaml").read_text()
@@ -67,15 +67,27 @@ def test_overwrite_records_the_new_recipe_and_forgets_the_old_finish(tmp_path):
 
 def test_a_changed_upstream_checkpoint_makes_the_next_step_stale(tmp_path):
     upstream, folder = tmp_path / "1_classifier", tmp_path / "2_cams"
-    claim_folder(upstream, _cfg(tmp_path), {})
+    claim_folder(upstream, _cfg(tmp_path), {}, DEFAULTS)
     torch.save({"w": torch.zeros(2)}, upstream / "best.pt")
     assert input_identity(upstream) == "unfinished"
     mark_done(upstream, {})
-    claim_folder(folder, _cfg(tmp_path), {"classifier": upstream})
-    assert stale_reasons(folder, _cfg(tmp_path), {"classifier": upstream}) == []
+    claim_folder(folder, _cfg(tmp_path), {"classifier": upstream}, DEFAULTS)
+    assert stale_reasons(folder, _cfg(tmp_path), {"classifier": upstream}, DEFAULTS) == []
     torch.save({"w": torch.ones(2)}, upstream / "best.pt")  # step 1 redone, same settings
-    reasons = stale_reasons(folder, _cfg(tmp_path), {"classifier": upstream})
+    reasons = stale_reasons(folder, _cfg(tmp_path), {"classifier": upstream}, DEFAULTS)
     assert len(reasons) == 1 and reasons[0].startswith("input classifier: step ")
+
+
+def test_a_key_added_to_the_code_since_counts_only_off_its_default(tmp_path):
+    """A folder recorded before the step gained ``crf.new_key`` stays finished while the key
+    holds its default; set to another value, the key makes the folder stale."""
+    folder = tmp_path / "3_ir_labels"
+    claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
+    grown = {**DEFAULTS, "crf": {**DEFAULTS["crf"], "new_key": 0.5}}
+    at_default = load_config(None, [f"work_dir={tmp_path}"], grown)
+    assert stale_reasons(folder, at_default, {}, grown) == []
+    changed = load_config(None, [f"work_dir={tmp_path}", "crf.new_key=0.7"], grown)
+    assert stale_reasons(folder, changed, {}, grown) == ["crf.new_key: <unset> -> 0.7"]
 
 
 def test_outputs_without_a_record_are_refused(tmp_path):
@@ -83,23 +95,23 @@ def test_outputs_without_a_record_are_refused(tmp_path):
     folder.mkdir()
     (folder / "a.png").write_bytes(b"made by an older version")
     with pytest.raises(ConfigError, match="no provenance.json"):
-        claim_folder(folder, _cfg(tmp_path), {})
-    claim_folder(tmp_path / "empty", _cfg(tmp_path), {})  # nothing there yet: fine
+        claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
+    claim_folder(tmp_path / "empty", _cfg(tmp_path), {}, DEFAULTS)  # nothing there yet: fine
 
 
 def test_resume_may_raise_the_epochs_but_not_change_other_settings(tmp_path):
     folder = tmp_path / "1_classifier"
-    claim_folder(folder, _cfg(tmp_path), {})
-    claim_folder(folder, _cfg(tmp_path, "resume=true", "train.epochs=6"), {})
+    claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
+    claim_folder(folder, _cfg(tmp_path, "resume=true", "train.epochs=6"), {}, DEFAULTS)
     assert json.loads((folder / PROVENANCE_FILE).read_text())["settings"]["train.epochs"] == 6
     with pytest.raises(ConfigError, match="crf.conf_fg_thres"):
-        claim_folder(folder, _cfg(tmp_path, "resume=true", "crf.conf_fg_thres=0.1"), {})
+        claim_folder(folder, _cfg(tmp_path, "resume=true", "crf.conf_fg_thres=0.1"), {}, DEFAULTS)
 
 
 def test_finishing_a_step_removes_the_temp_files_of_killed_runs(tmp_path):
     (tmp_path / "round1").mkdir()
     leftovers = [tmp_path / ".tmp.a.k2j3h4g5.png", tmp_path / "round1" / ".tmp.best.x8d7s6a5.pt",
-                 tmp_path / "config.yaml.1234.tmp"]
+                 tmp_path / ".tmp.config.x1y2z3.yaml"]
     for path in leftovers:
         path.write_bytes(b"half")
     (tmp_path / "a.png").write_bytes(b"kept")

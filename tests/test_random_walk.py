@@ -5,18 +5,15 @@ import numpy as np
 import pytest
 import torch
 
-from inference.common import pseudo_mask_step
-from inference.common.path_index import PathIndex
-from inference.common.random_walk import (
-    background_seed,
-    pseudo_mask_from_rw,
-    random_walk,
-    random_walk_dense_reference,
-    transition_matrix,
-)
+from inference.irn_steps import pseudo_mask_step
+from inference.irn_steps.random_walk import (background_seed, pseudo_mask_from_rw, random_walk,
+                                             random_walk_dense_reference, transition_matrix)
 from model_training.common.config import ConfigError, load_config
+from model_training.common.path_index import PathIndex
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+STEP = load_config(None, [], pseudo_mask_step.DEFAULTS).pseudo  # step 5's defaults: IRNet's
+WALK = {"beta": STEP.beta, "exp_times": STEP.exp_times, "radius": STEP.radius}
 
 
 def _inputs(seed: int, size: tuple[int, int], num_maps: int = 3):
@@ -36,8 +33,8 @@ def test_sparse_walk_equals_dense_reference(seed, size):
     assert (sparse.double() - dense).abs().max() < 1e-4
     assert (sparse.argmax(0) == dense.argmax(0)).double().mean() >= 0.999
     keys = [3, 5, 9]
-    mask_sparse = pseudo_mask_from_rw(sparse, keys)
-    mask_dense = pseudo_mask_from_rw(dense, keys)
+    mask_sparse = pseudo_mask_from_rw(sparse, keys, STEP.bg_thres)
+    mask_dense = pseudo_mask_from_rw(dense, keys, STEP.bg_thres)
     assert (mask_sparse == mask_dense).mean() >= 0.999
 
 
@@ -71,7 +68,7 @@ def test_walk_stays_inside_a_boundary_wall():
     boundary[:, wall] = 1.0
     cams = torch.zeros(1, h, w)
     cams[0, 5, 2] = 1.0  # one confident pixel on the left
-    walked = random_walk(cams, boundary)[0]
+    walked = random_walk(cams, boundary, **WALK)[0]
     left, right = walked[:, :wall], walked[:, wall:]
     assert right.abs().max() < 1e-6
     assert left.min() > 0.5 * left.max() > 0  # spread over the whole left region
@@ -87,7 +84,7 @@ def test_pseudo_mask_from_rw_maps_channels_to_class_ids():
     assert mask[0, 0] == 3 and mask[13, 14] == 7 and mask[0, 14] == 0 and mask[13, 0] == 0
     # a background threshold above class 7's normalised score (0.5) removes it
     assert 7 not in pseudo_mask_from_rw(rw, keys=[3, 7], bg_thres=0.6, out_size=(14, 15))
-    assert pseudo_mask_from_rw(rw, keys=[3, 7]).shape == (16, 16)
+    assert pseudo_mask_from_rw(rw, keys=[3, 7], bg_thres=0.25).shape == (16, 16)
 
 
 def test_background_seed_is_one_minus_the_strongest_cam():
@@ -104,14 +101,14 @@ def test_walked_background_scores_every_map_on_its_own_scale():
     rw[0, :2, :2] = rw[0, 2:, 2:] = 0.1
     rw[1, :2, :2] = 2.0
     rw[2, 2:, 2:] = 0.01  # weak in absolute terms, but its own maximum
-    mask = pseudo_mask_from_rw(rw, keys=[3, 7], out_size=(14, 15), stride=None,
+    mask = pseudo_mask_from_rw(rw, keys=[3, 7], bg_thres=None, out_size=(14, 15), stride=None,
                                walked_background=True)
     assert mask.shape == (14, 15)
     assert mask[0, 0] == 3 and mask[13, 14] == 7 and mask[0, 14] == 0
     # IRNet's global max would drop class 7 below any background threshold
     assert 7 not in pseudo_mask_from_rw(rw[1:], keys=[3, 7], bg_thres=0.25, out_size=(14, 15))
     with pytest.raises(ValueError):  # K + 1 maps are needed
-        pseudo_mask_from_rw(rw[1:], keys=[3, 7], walked_background=True)
+        pseudo_mask_from_rw(rw[1:], keys=[3, 7], bg_thres=None, walked_background=True)
 
 
 def test_walked_background_stops_at_a_wall():
@@ -122,35 +119,35 @@ def test_walked_background_stops_at_a_wall():
     cams[0, 2:10, 1:7] = 1.0  # the class sits left of the wall
     cams[0, 3:9, 9:14] = 0.3  # a weak, wide response spills over it
     seeds = torch.cat([background_seed(cams), cams])
-    walked = random_walk(seeds, boundary)
-    mask = pseudo_mask_from_rw(walked, keys=[5], stride=1, walked_background=True)
+    walked = random_walk(seeds, boundary, **WALK)
+    mask = pseudo_mask_from_rw(walked, keys=[5], bg_thres=None, stride=1, walked_background=True)
     assert (mask[:, wall + 1:] == 0).all()
     assert (mask[4:8, 2:6] == 5).all()
     # without the wall the same seeds spill the class over to the right
-    open_walk = random_walk(seeds, torch.zeros(h, w))
-    leaky = pseudo_mask_from_rw(open_walk, keys=[5], stride=1, walked_background=True)
+    open_walk = random_walk(seeds, torch.zeros(h, w), **WALK)
+    leaky = pseudo_mask_from_rw(open_walk, keys=[5], bg_thres=None, stride=1, walked_background=True)
     assert (leaky[:, wall + 1:] == 5).any()
 
 
 def test_pseudo_mask_without_classes_is_background():
-    empty = pseudo_mask_from_rw(torch.zeros(0, 3, 4), keys=[], out_size=(10, 13))
+    empty = pseudo_mask_from_rw(torch.zeros(0, 3, 4), keys=[], bg_thres=0.25, out_size=(10, 13))
     assert empty.shape == (10, 13) and not empty.any()
-    walked = random_walk(torch.zeros(0, 3, 4), torch.zeros(3, 4))
+    walked = random_walk(torch.zeros(0, 3, 4), torch.zeros(3, 4), **WALK)
     assert walked.shape == (0, 3, 4)
 
 
 def test_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
-        random_walk(torch.zeros(2, 5, 5), torch.zeros(5, 6))
+        random_walk(torch.zeros(2, 5, 5), torch.zeros(5, 6), **WALK)
     with pytest.raises(ValueError):
-        pseudo_mask_from_rw(torch.zeros(2, 5, 5), keys=[1])
+        pseudo_mask_from_rw(torch.zeros(2, 5, 5), keys=[1], bg_thres=0.25)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sparse_walk_on_cuda_matches_cpu():
     cams, boundary = _inputs(6, (12, 12))
-    cpu = random_walk(cams, boundary)
-    gpu = random_walk(cams.cuda(), boundary.cuda())
+    cpu = random_walk(cams, boundary, **WALK)
+    gpu = random_walk(cams.cuda(), boundary.cuda(), **WALK)
     assert torch.allclose(gpu.cpu(), cpu, atol=1e-5)
 
 

@@ -14,16 +14,15 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from inference.common.step_io import load_png, save_png
-from model_training.common.config import ConfigError, load_config
-from model_training.common.datasets import build_source
-from model_training.common.transforms import image_to_tensor
-from model_training.segmentation import segmentation_training as seg
 from inference.segmentation.submit import generate_predictions as step7
 from inference.segmentation.submit import model as submit_model
+from model_training.common.config import Config, ConfigError, load_config
+from model_training.common.datasets import build_source
+from model_training.common.step_io import load_png, save_png
+from model_training.common.transforms import image_to_tensor
+from model_training.segmentation import segmentation_training as seg
 from model_training.segmentation.segmentation_training import (DEFAULTS, SegmentationDataset,
-                                                               build_model, evaluate,
-                                                               train_segmentation)
+                                                               build_model, evaluate)
 from tests.test_submit import IMPORT_PROBE, SUBMIT_DIR, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +59,7 @@ def tiny_run(tmp_path_factory):
     write_pseudo_masks(cfg, skip=1)
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
-        result = train_segmentation(cfg)
+        result = seg.run(cfg)
     return SimpleNamespace(cfg=cfg, result=result, stderr=stderr.getvalue(),
                            out=work_dir / "6_segmentation")
 
@@ -149,20 +148,20 @@ def test_copied_submission_folder_predicts_from_the_step6_export(tiny_run, tmp_p
 
 def test_gt_mask_source_needs_no_pseudo_masks_and_resume_finishes(tmp_path):
     cfg = tiny_config(tmp_path, "mask_source=gt")
-    result = train_segmentation(cfg)
+    result = seg.run(cfg)
     assert result["miou"] is not None
     best = torch.load(tmp_path / "6_segmentation" / "best.pt", weights_only=True)
     assert best["mask_source"] == "gt"
 
     with pytest.raises(ConfigError, match="resume=true"):
-        train_segmentation(cfg)
-    resumed = train_segmentation(tiny_config(tmp_path, "mask_source=gt", "resume=true"))
+        seg.run(cfg)
+    resumed = seg.run(tiny_config(tmp_path, "mask_source=gt", "resume=true"))
     assert resumed["miou"] == pytest.approx(result["miou"])
 
 
 def test_pseudo_source_without_folder_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="5_pseudo_masks"):
-        train_segmentation(tiny_config(tmp_path))
+        seg.run(tiny_config(tmp_path))
 
 
 def test_dataset_reads_pseudo_masks_at_image_size(tmp_path):
@@ -250,13 +249,13 @@ def test_encoder_weights_file_in_efficientnet_pytorch_naming_is_renamed(tmp_path
 
 def test_model_settings_are_checked():
     with pytest.raises(ConfigError, match="model.arch"):
-        seg.model_config_from({"arch": "NoSuchNet", "encoder_name": "resnet50",
-                               "encoder_output_stride": None}, 3)
+        seg.model_config_from(Config({"arch": "NoSuchNet", "encoder_name": "resnet50",
+                                      "encoder_output_stride": None, "class_head": False}), 3)
     with pytest.raises(ConfigError, match="encoder_output_stride"):
-        seg.model_config_from({"arch": "Unet", "encoder_name": "resnet50",
-                               "encoder_output_stride": 16}, 3)
-    config = seg.model_config_from({"arch": "Unet", "encoder_name": "resnet18",
-                                    "encoder_output_stride": None}, 3)
+        seg.model_config_from(Config({"arch": "Unet", "encoder_name": "resnet50",
+                                      "encoder_output_stride": 16, "class_head": False}), 3)
+    config = seg.model_config_from(Config({"arch": "Unet", "encoder_name": "resnet18",
+                                           "encoder_output_stride": None, "class_head": False}), 3)
     assert "encoder_output_stride" not in config
     with pytest.raises(ConfigError, match="encoder_name"):
         build_model({**config, "encoder_name": "tu-no_such_net"})
@@ -296,7 +295,7 @@ def test_round_masks_keep_only_each_images_labels_and_leave_unsure_pixels_out(tm
 def test_two_rounds_train_the_second_on_the_first_ones_masks(tmp_path):
     cfg = tiny_config(tmp_path, "self_training.rounds=2")
     write_pseudo_masks(cfg)
-    result = train_segmentation(cfg)
+    result = seg.run(cfg)
     out = tmp_path / "6_segmentation"
     source = build_source(cfg.dataset, "train")
     assert result["rounds"] == 2 and (out / "model.pt").is_file()
@@ -308,15 +307,15 @@ def test_two_rounds_train_the_second_on_the_first_ones_masks(tmp_path):
         assert present <= {0, *source.labels(image_id)}
     # a re-run with resume finds round 1 done and does not train it again
     before = (out / "round1" / "best.pt").stat().st_mtime_ns
-    train_segmentation(tiny_config(tmp_path, "self_training.rounds=2", "resume=true"))
+    seg.run(tiny_config(tmp_path, "self_training.rounds=2", "resume=true"))
     assert (out / "round1" / "best.pt").stat().st_mtime_ns == before
 
 
 def test_rounds_settings_are_checked(tmp_path):
     with pytest.raises(ConfigError, match="self_training.rounds"):
-        train_segmentation(tiny_config(tmp_path, "self_training.rounds=0"))
+        seg.run(tiny_config(tmp_path, "self_training.rounds=0"))
     with pytest.raises(ConfigError, match="mask_source: pseudo"):
-        train_segmentation(tiny_config(tmp_path, "self_training.rounds=2", "mask_source=gt"))
+        seg.run(tiny_config(tmp_path, "self_training.rounds=2", "mask_source=gt"))
 
 
 def _one_bad_val_mask(monkeypatch) -> str:
@@ -343,9 +342,9 @@ def test_a_bad_val_mask_is_left_out_before_training(tmp_path, monkeypatch, capsy
 def test_training_with_a_bad_val_mask_validates_on_the_rest(tmp_path, monkeypatch):
     _one_bad_val_mask(monkeypatch)
     cfg = tiny_config(tmp_path, "mask_source=gt")
-    assert train_segmentation(cfg)["miou"] is not None
+    assert seg.run(cfg)["miou"] is not None
     with pytest.raises(ConfigError, match="on_error=stop"):  # refused before any epoch
-        train_segmentation(tiny_config(tmp_path / "stop", "mask_source=gt", "on_error=stop"))
+        seg.run(tiny_config(tmp_path / "stop", "mask_source=gt", "on_error=stop"))
     assert not (tmp_path / "stop" / "6_segmentation" / "last.pt").exists()
 
 
@@ -357,7 +356,7 @@ def test_class_head_targets_are_the_classes_each_crop_shows():
 def test_class_head_trains_and_exports_its_gate(tmp_path):
     cfg = tiny_config(tmp_path, "model.class_head=true", "export.class_gate=0.4")
     write_pseudo_masks(cfg)
-    train_segmentation(cfg)
+    seg.run(cfg)
     out = tmp_path / "6_segmentation"
     assert yaml.safe_load((out / "export_config.yaml").read_text())["class_gate"] == 0.4
     loaded = submit_model.load_checkpoint(out / "model.pt")
@@ -368,4 +367,4 @@ def test_class_head_trains_and_exports_its_gate(tmp_path):
     assert "class_loss" in header and "pixel_loss" in header
 
     with pytest.raises(ConfigError, match="export.class_gate' needs model.class_head"):
-        train_segmentation(tiny_config(tmp_path / "no_head", "mask_source=gt", "export.class_gate=0.4"))
+        seg.run(tiny_config(tmp_path / "no_head", "mask_source=gt", "export.class_gate=0.4"))

@@ -6,22 +6,23 @@ outputs, which a bad image does not."""
 import errno
 import importlib
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import run_pipeline
-from inference.common import ir_labels, step_io
-from inference.common.provenance import claim_folder
-from inference.common.step_io import (mark_done, read_done, run_over_images, save_cams, save_png,
-                                      step_dir)
-from inference.irn_steps import crf_cam_processing, irn_inference, multiscale_cam
+from inference.irn_steps import crf_cam_processing, ir_labels, irn_inference, multiscale_cam
 from inference.segmentation import predict
-from model_training.cam_generation import train_classifier, train_irn
-from model_training.cam_generation.irn_training import load_irnet
+from model_training.cam_generation import classifier_training, train_classifier, train_irn
+from model_training.common import step_io
 from model_training.common.checkpoints import read_checkpoint
 from model_training.common.config import Config, ConfigError, StepError, load_config
+from model_training.common.models.irnet import load_irnet
+from model_training.common.provenance import claim_folder
+from model_training.common.step_io import (mark_done, read_done, run_over_images, save_cams,
+                                           save_png, step_dir)
 from model_training.segmentation import segmentation_training
 from tests.conftest import REPO
 
@@ -193,7 +194,8 @@ def test_step6_finished_round_with_a_garbage_best_pt(tmp_path, capsys):
                       [f"work_dir={tmp_path}", *TINY_TOY, "self_training.rounds=2"],
                       segmentation_training.DEFAULTS)
     # round 1 below was made by these settings
-    claim_folder(step_dir(tmp_path, 6), cfg, segmentation_training.step_inputs(cfg))
+    claim_folder(step_dir(tmp_path, 6), cfg, segmentation_training.step_inputs(cfg),
+                 segmentation_training.DEFAULTS)
     round_dir = step_dir(tmp_path, 6) / "round1"
     mark_done(round_dir, {"round": 1})
     _spoil(round_dir / "best.pt", "random bytes")
@@ -216,24 +218,25 @@ def test_step7_exported_model_of_garbage(tmp_path, capfd):
     assert "Traceback" not in err
 
 
-def _raises(error):
-    def step(cfg):
+def _failing_step(error) -> SimpleNamespace:
+    """A step module whose run raises ``error``."""
+    def run(cfg):
         raise error
-    return step
+    return SimpleNamespace(DEFAULTS={}, run=run, step_inputs=lambda cfg: {}, summary_line=str)
 
 
 def test_pipeline_puts_the_step_folder_before_a_step_error(tmp_path):
     cfg = Config(work_dir=str(tmp_path), overwrite=False)
     with pytest.raises(StepError, match=r"^\[3_ir_labels\] 2_cams is empty: run step 2 first$"):
-        run_pipeline.run_steps([("3_ir_labels", _raises(ConfigError("2_cams is empty: run step 2 first")),
-                                 cfg, lambda cfg: {})])
+        run_pipeline.run_steps([("3_ir_labels",
+                                 _failing_step(ConfigError("2_cams is empty: run step 2 first")), cfg)])
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
-        run_pipeline.run_steps([("3_ir_labels", _raises(ZeroDivisionError()), cfg, lambda cfg: {})])
+        run_pipeline.run_steps([("3_ir_labels", _failing_step(ZeroDivisionError()), cfg)])
 
 
 def test_pipeline_exits_2_with_one_line_and_no_report(tmp_path, capsys):
     step1 = run_pipeline.load_step_configs(CONFIGS, [f"work_dir={tmp_path}", *TINY_TOY])[0][2]
-    claim_folder(step_dir(tmp_path, 1), step1, {})  # a finished step 1 of these settings
+    claim_folder(step_dir(tmp_path, 1), step1, {}, classifier_training.DEFAULTS)  # finished, same settings
     mark_done(step_dir(tmp_path, 1), {"seconds": 1.0})
     best = step_dir(tmp_path, 1) / "best.pt"
     _spoil(best, "random bytes")

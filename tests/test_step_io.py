@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from inference.common.step_io import (atomic_write, load_cams, load_png, pending_ids,
-                                      run_over_images, save_cams, save_png)
+from model_training.common.step_io import (atomic_write, load_cams, load_png, pending_ids,
+                                           run_over_images, save_cams, save_png)
 
 
 def test_cams_round_trip(tmp_path):

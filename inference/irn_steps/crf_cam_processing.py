@@ -4,16 +4,12 @@
 
 Writes ``<work_dir>/3_ir_labels/<id>.png``: 0 background, c class c, 255 unsure.
 """
-from inference.common.ir_label_step import DEFAULTS, run
-from model_training.common.config import exit_on_config_error, parse_step_args
+from inference.irn_steps import ir_label_step
+from model_training.common.step_cli import run_script
 
 
-def main(argv=None) -> dict:
-    cfg = parse_step_args(DEFAULTS, __doc__, argv, shardable=True)
-    summary = exit_on_config_error(run, cfg)
-    print(f"3_ir_labels: {summary['written']} written, {len(summary['failed'])} failed, "
-          f"{summary['skipped_existing']} already there ({summary['seconds']} s)")
-    return summary
+def main(argv: list[str] | None = None) -> dict:
+    return run_script(ir_label_step, __doc__, argv)
 
 
 if __name__ == "__main__":

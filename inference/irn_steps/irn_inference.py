@@ -4,13 +4,12 @@
 
 Writes ``<work_dir>/5_pseudo_masks/<id>.png``: uint8 class ids at the image's size.
 """
-from inference.common.pseudo_mask_step import DEFAULTS, run
-from model_training.common.config import exit_on_config_error, parse_step_args
+from inference.irn_steps import pseudo_mask_step
+from model_training.common.step_cli import run_script
 
 
-def main(argv=None) -> dict:
-    cfg = parse_step_args(DEFAULTS, __doc__, argv, shardable=True)
-    return exit_on_config_error(run, cfg)
+def main(argv: list[str] | None = None) -> dict:
+    return run_script(pseudo_mask_step, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,12 @@
 
 Writes ``<work_dir>/2_cams/<id>.npz``: keys (K,), cam (K,h,w) at stride 4, high_res (K,H,W).
 """
-from inference.common.cam_step import DEFAULTS, run
-from model_training.common.config import exit_on_config_error, parse_step_args
+from inference.irn_steps import cam_step
+from model_training.common.step_cli import run_script
 
 
-def main(argv=None) -> dict:
-    cfg = parse_step_args(DEFAULTS, __doc__, argv, shardable=True)
-    return exit_on_config_error(run, cfg)
+def main(argv: list[str] | None = None) -> dict:
+    return run_script(cam_step, __doc__, argv)
 
 
 if __name__ == "__main__":

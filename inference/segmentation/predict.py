@@ -7,16 +7,12 @@ repo) with step 6's ``model.pt`` and ``export_config.yaml`` on ``submit.split`` 
 ``dataset.test_split``); writes ``<work_dir>/7_predictions/<id>.png``. On images outside any
 dataset, call ``submit/generate_predictions.py SAVE_DIR DATA_DIR`` directly (INSTRUCTIONS.md).
 """
-from inference.segmentation.predict_step import DEFAULTS, run
-from model_training.common.config import exit_on_config_error, parse_step_args
+from inference.segmentation import predict_step
+from model_training.common.step_cli import run_script
 
 
-def main(argv=None) -> dict:
-    cfg = parse_step_args(DEFAULTS, __doc__, argv, shardable=True)
-    summary = exit_on_config_error(run, cfg)
-    print(f"7_predictions: {summary['written']} masks of split {summary['split']} "
-          f"({summary['seconds']} s)")
-    return summary
+def main(argv: list[str] | None = None) -> dict:
+    return run_script(predict_step, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,15 @@ import sys
 import time
 from pathlib import Path
 
-from inference.common.provenance import claim_folder
-from inference.common.step_io import (STEP_DIRS, atomic_write, clear_done, mark_done, shard_ids,
-                                      step_dir)
 from model_training.common.config import ConfigError, StepError
 from model_training.common.datasets import build_source
+from model_training.common.provenance import claim_folder
+from model_training.common.step_io import (STEP_DIRS, atomic_write, clear_done, mark_done,
+                                           shard_ids, step_dir)
 
 SUBMIT_DIR = Path(__file__).resolve().parent / "submit"
+
+SHARDABLE = True
 
 DEFAULTS = {
     "submit": {
@@ -68,7 +70,7 @@ def run(cfg) -> dict:
     """Predict every image of ``predicted_split`` into ``7_predictions/``; returns a summary."""
     start = time.time()
     out_dir = step_dir(cfg.work_dir, 7)
-    claim_folder(out_dir, cfg, step_inputs(cfg))
+    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
     clear_done(out_dir, cfg.shard)
     source = build_source(cfg.dataset, predicted_split(cfg))
     data_dir, ids_file = split_image_folder(cfg, source)
@@ -92,3 +94,7 @@ def run(cfg) -> dict:
                "seconds": round(time.time() - start, 2)}
     mark_done(out_dir, summary, cfg.shard)
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    return f"7_predictions: {summary['written']} masks of split {summary['split']} ({summary['seconds']} s)"

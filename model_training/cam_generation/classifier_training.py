@@ -19,19 +19,21 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from inference.common.progress import progress
-from inference.common.provenance import claim_folder
-from inference.common.step_io import classifier_dir, mark_done, report_failure
 from model_training.common import distributed
 from model_training.common.config import COMMON_DEFAULTS, Config, ConfigError, merge_defaults
 from model_training.common.datasets import (ImageLoadError, ImageSource, build_source,
                                             labels_to_vector)
-from model_training.common.models import (CamClassifier, build_cam_classifier,
-                                          check_backbone_keys, weights_error_names)
 from model_training.common.datasets.voc import read_id_list
-from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume,
-                                           seed_everything, seed_worker)
+from model_training.common.models import (CamClassifier, build_cam_classifier, check_backbone_keys,
+                                          weights_error_names)
+from model_training.common.progress import progress
+from model_training.common.provenance import claim_folder
+from model_training.common.step_io import classifier_dir, mark_done, report_failure
+from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume, seed_everything,
+                                           seed_worker)
 from model_training.common.transforms import build_transform
+
+SHARDABLE = False
 
 DEFAULTS: dict[str, Any] = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, {
     "variant": "",  # non-empty: write to 1_classifier_<variant> (e.g. a binary "person" model)
@@ -354,12 +356,12 @@ def step_inputs(cfg: Config) -> dict:
     return {}
 
 
-def train_classifier(cfg: Config) -> dict:
+def run(cfg: Config) -> dict:
     """Run step 1 from a resolved config; returns the Trainer summary plus the output paths."""
     started = time.time()
     _check_config(cfg)
     out_dir = classifier_dir(cfg.work_dir, cfg.variant)
-    claim_folder(out_dir, cfg, step_inputs(cfg))
+    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
     check_resume(out_dir, cfg.resume, cfg.overwrite)
     device = distributed.setup(cfg)
     seed_everything(cfg.seed + distributed.rank())  # ranks augment differently
@@ -438,3 +440,8 @@ def train_classifier(cfg: Config) -> dict:
     if distributed.is_main():
         mark_done(out_dir, summary)
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    return (f"{Path(summary['out_dir']).name}: best val mAP {summary['best_score']:.4f} at epoch "
+            f"{summary['best_epoch']} of {summary['epochs']} ({summary['seconds']} s) -> {summary['out_dir']}")

@@ -11,22 +11,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, Dataset
 
-from inference.common.path_index import PathIndex, edge_to_affinity
-from inference.common.provenance import claim_folder
-from inference.common.step_io import STEP_DIRS, load_png, mark_done, step_dir
 from model_training.common import distributed
-from model_training.common.checkpoints import read_checkpoint
 from model_training.common.config import COMMON_DEFAULTS, ConfigError, merge_defaults
 from model_training.common.datasets import build_source
-from model_training.common.irn_labels import affinity_targets, irn_losses, label_to_stride
-from model_training.common.models import (build_multilevel_backbone, check_backbone_keys,
-                                          weights_error_names)
-from model_training.common.models.irnet import IRNet
-from model_training.common.trainer import TRAIN_DEFAULTS, Trainer, check_resume, seed_everything, seed_worker
+from model_training.common.models import check_backbone_keys, weights_error_names
+from model_training.common.models.irnet import build_irnet
+from model_training.common.path_index import PathIndex, edge_to_affinity
+from model_training.common.provenance import claim_folder
+from model_training.common.step_io import STEP_DIRS, load_png, mark_done, step_dir
+from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume, seed_everything,
+                                           seed_worker)
 from model_training.common.transforms import build_transform
+
+from .irn_labels import affinity_targets, irn_losses, label_to_stride
+
+SHARDABLE = False
 
 DEFAULTS: dict[str, Any] = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, {
     "irn": {
@@ -68,21 +69,6 @@ class IRLabelDataset(Dataset):
         return {"image": tensor, "label": label}
 
 
-def build_irnet(irn_cfg, weights: str | None = None) -> IRNet:
-    backbone, channels = build_multilevel_backbone(
-        irn_cfg["backbone"], weights or irn_cfg["weights"], irn_cfg["output_stride"])
-    return IRNet(backbone, channels, with_displacement=irn_cfg["with_displacement"])
-
-
-def load_irnet(path, device) -> IRNet:
-    """A trained IRNet from a step-4 checkpoint, in eval mode."""
-    checkpoint = read_checkpoint(path, "re-run step 4 with overwrite=true", device,
-                                 keys=("model", "arch"))
-    model = build_irnet(checkpoint["arch"], weights="none")
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval()
-
-
 def _check(cfg) -> None:
     check_backbone_keys("irn", cfg.irn.backbone, cfg.irn.weights, cfg.irn.output_stride)
     if not cfg.data.crop_size:
@@ -99,7 +85,7 @@ def run(cfg) -> dict:
     started = time.time()
     _check(cfg)
     out_dir = step_dir(cfg.work_dir, 4)
-    claim_folder(out_dir, cfg, step_inputs(cfg))
+    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
     check_resume(out_dir, cfg.resume, cfg.overwrite)
     device = distributed.setup(cfg)
     seed_everything(cfg.seed + distributed.rank())  # ranks augment differently
@@ -142,3 +128,7 @@ def run(cfg) -> dict:
     if distributed.is_main():
         mark_done(out_dir, summary)
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    return f"4_irn: {summary['images']} images, {summary['seconds']} s"

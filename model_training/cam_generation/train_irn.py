@@ -4,15 +4,12 @@
 
 Writes ``<work_dir>/4_irn/``: best.pt / last.pt, metrics.csv, tb/ and the resolved config.yaml.
 """
-from model_training.cam_generation.irn_training import DEFAULTS, run
-from model_training.common.config import exit_on_config_error, parse_step_args
+from model_training.cam_generation import irn_training
+from model_training.common.step_cli import run_script
 
 
-def main(argv=None) -> dict:
-    cfg = parse_step_args(DEFAULTS, __doc__, argv)
-    summary = exit_on_config_error(run, cfg)
-    print(f"4_irn: {summary['images']} images, {summary['seconds']} s")
-    return summary
+def main(argv: list[str] | None = None) -> dict:
+    return run_script(irn_training, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -7,18 +7,16 @@ naming the key, so a typo never silently falls back to a default.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import os
-import re
-import sys
-import textwrap
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Iterable, Mapping, NamedTuple
 
 import yaml
+
+from inference.segmentation.submit import generate_predictions as submit
 
 BASE_KEY = "_base_"
 
@@ -357,113 +355,16 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     stops a step before any work instead of leaving images out."""
     if not text:
         return 0, 1
-    parts = str(text).split("/")
-    numbers = len(parts) == 2 and all(part.strip().isdecimal() for part in parts)
-    if numbers and int(parts[0]) < int(parts[1]):
-        return int(parts[0]), int(parts[1])
-    raise ConfigError(f"key 'shard' must be i/n with 0 <= i < n (e.g. 0/2), got {text!r}")
-
-
-def save_config(cfg: Mapping, out_dir: str | os.PathLike) -> Path:
-    """Write the resolved config beside a step's outputs, so every result says how it was made."""
-    out = Path(out_dir) / "config.yaml"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    plain = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # shards may save at the same time
-    tmp.write_text(yaml.safe_dump(plain, sort_keys=False))
-    os.replace(tmp, out)
-    return out
-
-
-def _typed(value: Any) -> str:
-    """A default as it is written in YAML; ``|auto`` where the key also takes auto."""
-    plain = float(value) if isinstance(value, AutoFloat) else value
-    text = yaml.safe_dump(plain, default_flow_style=True).strip().removesuffix("...").strip()
-    return f"{text}|{AUTO}" if isinstance(value, AutoFloat) else text
-
-
-def _dotted_defaults(node: Mapping, prefix: str = "") -> Iterable[str]:
-    for key, value in node.items():
-        if isinstance(value, Mapping) and value:
-            yield from _dotted_defaults(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}={_typed(value)}"
-
-
-def describe_keys(defaults: Mapping, shardable: bool) -> str:
-    """``--help``'s list of a step's own keys with their defaults, one wrapped line per
-    section; the keys every step shares (common.yaml) only by name, ``shard`` only where
-    the step splits its images."""
-    lines = ["config keys of this step (defaults; set in the YAML or as key=value):"]
-    for key, value in defaults.items():
-        if key in COMMON_DEFAULTS and value == COMMON_DEFAULTS[key]:
-            continue
-        if isinstance(value, Mapping) and value:
-            lines.append(_wrapped(f"  {key}: ", " ".join(_dotted_defaults(value))))
-        else:
-            lines.append(f"  {key}={_typed(value)}")
-    shared = ", ".join(f"{key}.*" if isinstance(value, Mapping) else key
-                       for key, value in COMMON_DEFAULTS.items() if shardable or key != "shard")
-    lines.append(_wrapped("keys shared by every step (common.yaml): ", shared))
-    return "\n".join(lines)
-
-
-def _wrapped(head: str, text: str) -> str:
-    return textwrap.fill(text, width=88, initial_indent=head, subsequent_indent=" " * 4,
-                         break_on_hyphens=False)
-
-
-def build_arg_parser(doc: str, defaults: Mapping, shardable: bool) -> argparse.ArgumentParser:
-    """A step script's parser: ``--help`` shows the script's docstring (what the step does, its
-    example command, what it writes) and the step's keys; ``--shard`` only where the step
-    splits its images (the inference steps)."""
-    example = re.search(r"--config (\S+)", doc)
-    parser = argparse.ArgumentParser(description=doc, epilog=describe_keys(defaults, shardable),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True,
-                        help=f"this step's YAML, e.g. {example[1]}" if example else "this step's YAML")
-    if shardable:
-        parser.add_argument("--shard", metavar="i/n",
-                            help="do every n-th image from the i-th (= shard=i/n)")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="override any config key")
-    return parser
-
-
-def parse_step_args(defaults: Mapping, doc: str, argv: list[str] | None = None,
-                    shardable: bool = False) -> Config:
-    """Entry-point helper: parse ``--config`` + overrides; a bad config exits 2 with one line."""
-    args = build_arg_parser(doc, defaults, shardable).parse_args(argv)
-    shard = getattr(args, "shard", None)
-    overrides = args.overrides + ([f"shard={shard}"] if shard is not None else [])
-    return exit_on_config_error(load_config, args.config, overrides, defaults)
-
-
-def exit_on_config_error(fn, *args, **kwargs):
-    """Run ``fn``; a StepError (ConfigError included) becomes ``error: <message>`` on stderr
-    and exit code 2."""
     try:
-        return fn(*args, **kwargs)
-    except StepError as err:
-        print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return submit.parse_shard(str(text))
+    except submit.UsageError:
+        raise ConfigError(f"key 'shard' must be i/n with 0 <= i < n (e.g. 0/2), got {text!r}") from None
 
 
 def resolve_device(name: str):
-    """``auto`` picks CUDA when present; an unavailable CUDA device is a config error.
-
-    Under torchrun, ``auto`` / ``cuda`` mean this process's GPU, ``cuda:LOCAL_RANK``, so
-    the processes of one machine do not all land on the first GPU.
-    """
-    import torch
-
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+    """``auto`` picks CUDA when present (under torchrun this process's ``cuda:LOCAL_RANK``);
+    an unavailable CUDA device is a config error."""
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"key 'device': unknown device {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"key 'device': {name} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
+        return submit.resolve_device(name)
+    except submit.UsageError as err:
+        raise ConfigError(f"key 'device': {err}") from None

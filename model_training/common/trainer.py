@@ -26,13 +26,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from inference.common.progress import progress
-from inference.common.step_io import atomic_write, clear_done
+from model_training.common.progress import progress
+from model_training.common.step_io import atomic_write, clear_done
 
 from .checkpoints import read_checkpoint
 from .config import ConfigError, StepError
-from .distributed import (barrier, broadcast_from_main, gather_from_ranks, is_main,
-                          mean_over_ranks, rank, world_size)
+from .distributed import (barrier, broadcast_from_main, gather_from_ranks, is_main, mean_over_ranks,
+                          rank, world_size)
 
 # The ``train`` section every training step shares (plus the top-level ``resume`` key).
 TRAIN_DEFAULTS: dict[str, Any] = {

@@ -23,24 +23,26 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from inference.common.metrics import IGNORE_INDEX, ConfusionMatrix
-from inference.common.progress import progress
-from inference.common.provenance import claim_folder
+from inference.segmentation.submit.generate_predictions import DEFAULTS as SUBMIT_DEFAULTS
 from inference.segmentation.submit.generate_predictions import network_stride, predict_probabilities
-from inference.segmentation.submit.model import class_head_params, split_outputs
-from inference.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done, pending_ids,
-                                      read_done, report_failure, run_over_images, save_png,
-                                      step_dir)
+from inference.segmentation.submit.model import (checkpoint_metadata, class_head_params,
+                                                 split_outputs)
 from model_training.common import distributed
 from model_training.common.checkpoints import read_checkpoint
-from model_training.common.config import ConfigError, merge_defaults
+from model_training.common.config import Config, ConfigError, merge_defaults
 from model_training.common.datasets import ImageLoadError, ImageSource, build_source
+from model_training.common.metrics import IGNORE_INDEX, ConfusionMatrix
 from model_training.common.models import weights_error_names
 from model_training.common.models.weights import (LITE_HEAD_PREFIXES, efficientnet_lite_state_dict,
                                                   is_efficientnet_lite, load_matching,
                                                   read_state_dict, rename_efficientnet_lite_keys)
-from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume,
-                                           seed_everything, seed_worker)
+from model_training.common.progress import progress
+from model_training.common.provenance import claim_folder
+from model_training.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done,
+                                           pending_ids, read_done, report_failure, run_over_images,
+                                           save_png, step_dir)
+from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume, seed_everything,
+                                           seed_worker)
 from model_training.common.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_transform,
                                               image_to_tensor)
 
@@ -50,6 +52,8 @@ BEST_KEYS = ("model", "model_config", "epoch")  # what best.pt must hold to be e
 MASK_SOURCES = ("pseudo", "gt")
 # ImageNet heads a backbone state-dict file may carry; smp encoders have none of them.
 HEAD_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.") + LITE_HEAD_PREFIXES
+
+SHARDABLE = False
 
 DEFAULTS: dict[str, Any] = merge_defaults(TRAIN_DEFAULTS, {
     "mask_source": "pseudo",  # pseudo | gt (the fully supervised upper bound)
@@ -84,8 +88,8 @@ DEFAULTS: dict[str, Any] = merge_defaults(TRAIN_DEFAULTS, {
         "max_images": 0,  # validate on the first N val images; 0 = all
     },
     "export": {  # test-time augmentation written to export_config.yaml for step 7
-        "scales": [0.75, 1.0, 1.25],
-        "flip": True,
+        "scales": list(SUBMIT_DEFAULTS["scales"]),
+        "flip": SUBMIT_DEFAULTS["flip"],
         "class_gate": None,  # with model.class_head: classes scored below this win no pixel
     },
     "train": {
@@ -99,23 +103,23 @@ DEFAULTS: dict[str, Any] = merge_defaults(TRAIN_DEFAULTS, {
 
 # ---- model --------------------------------------------------------------------------------
 
-def model_config_from(model_cfg: Mapping, num_classes: int) -> dict[str, Any]:
+def model_config_from(model_cfg: Config, num_classes: int) -> dict[str, Any]:
     """The ``model_config`` of the submission checkpoint format, checked against smp."""
-    arch_class = smp.MODEL_ARCHITECTURES_MAPPING.get(str(model_cfg["arch"]).lower())
+    arch_class = smp.MODEL_ARCHITECTURES_MAPPING.get(str(model_cfg.arch).lower())
     if arch_class is None:
         names = ", ".join(sorted(smp.MODEL_ARCHITECTURES_MAPPING))
-        raise ConfigError(f"key 'model.arch': unknown architecture {model_cfg['arch']!r} ({names})")
-    config = {"arch": model_cfg["arch"], "encoder_name": model_cfg["encoder_name"],
+        raise ConfigError(f"key 'model.arch': unknown architecture {model_cfg.arch!r} ({names})")
+    config = {"arch": model_cfg.arch, "encoder_name": model_cfg.encoder_name,
               "num_classes": int(num_classes)}
-    stride = model_cfg["encoder_output_stride"]
+    stride = model_cfg.encoder_output_stride
     if stride is not None:
         if "encoder_output_stride" not in inspect.signature(arch_class).parameters:
-            raise ConfigError(f"key 'model.encoder_output_stride': {model_cfg['arch']} does not "
+            raise ConfigError(f"key 'model.encoder_output_stride': {model_cfg.arch} does not "
                               f"take an output stride, set it to null")
         if stride not in (8, 16):
             raise ConfigError(f"key 'model.encoder_output_stride' must be 8, 16 or null, got {stride!r}")
         config["encoder_output_stride"] = int(stride)
-    if model_cfg.get("class_head"):
+    if model_cfg.class_head:
         config["class_head"] = True
     return config
 
@@ -191,11 +195,11 @@ def param_groups(model: nn.Module, new_layer_lr_mult: float) -> list[dict]:
 
 # ---- data ---------------------------------------------------------------------------------
 
-def mask_dir_for(cfg: Mapping) -> Path | None:
+def mask_dir_for(cfg: Config) -> Path | None:
     """Where the training masks come from: a pseudo-mask folder, or None for ground truth."""
-    if cfg["mask_source"] not in MASK_SOURCES:
-        raise ConfigError(f"key 'mask_source' must be pseudo or gt, got {cfg['mask_source']!r}")
-    if cfg["mask_source"] == "gt":
+    if cfg.mask_source not in MASK_SOURCES:
+        raise ConfigError(f"key 'mask_source' must be pseudo or gt, got {cfg.mask_source!r}")
+    if cfg.mask_source == "gt":
         return None
     folder = step_inputs(cfg)["masks"]
     if not folder.is_dir():
@@ -333,22 +337,12 @@ def evaluate(model: nn.Module, source: ImageSource, ids: Sequence[str],
 
 # ---- export -------------------------------------------------------------------------------
 
-def submission_metadata(model_config: Mapping, class_names: Sequence[str]) -> dict:
-    """Everything but the weights that the submission folder needs (its model.py docstring).
-
-    Stored in best.pt / last.pt too, so any step-6 checkpoint rebuilds its network.
-    """
-    return {"model_config": dict(model_config), "class_names": list(class_names),
-            "normalize": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}}
-
-
-def export_for_submission(out_dir: Path, checkpoint: Mapping, cfg: Mapping) -> Path:
+def export_for_submission(out_dir: Path, checkpoint: Mapping, cfg: Config) -> Path:
     """``model.pt`` and a step-7 ``export_config.yaml`` that resizes as training did."""
     model_path = atomic_write(out_dir / "model.pt", lambda tmp: torch.save(dict(checkpoint), tmp))
-    submit_cfg = {"weights": model_path.name, "device": "auto",
-                  "scales": list(cfg["export"]["scales"]), "flip": bool(cfg["export"]["flip"]),
-                  "input_long_side": cfg["data"]["input_long_side"],
-                  "class_gate": cfg["export"]["class_gate"], "amp": True, "recursive": False}
+    submit_cfg = {**SUBMIT_DEFAULTS, "weights": model_path.name, "scales": list(cfg.export.scales),
+                  "flip": bool(cfg.export.flip), "input_long_side": cfg.data.input_long_side,
+                  "class_gate": cfg.export.class_gate}
     text = ("# Step-7 config for generate_predictions.py --config (written by step 6).\n"
             + yaml.safe_dump(submit_cfg, sort_keys=False))
     atomic_write(out_dir / "export_config.yaml", lambda tmp: Path(tmp).write_text(text))
@@ -357,15 +351,15 @@ def export_for_submission(out_dir: Path, checkpoint: Mapping, cfg: Mapping) -> P
 
 # ---- the step -----------------------------------------------------------------------------
 
-def _check_settings(cfg: Mapping, num_classes: int) -> None:
-    long_side = cfg["data"]["input_long_side"]
+def _check_settings(cfg: Config, num_classes: int) -> None:
+    long_side = cfg.data.input_long_side
     if long_side is not None and (not isinstance(long_side, int) or isinstance(long_side, bool)
                                   or long_side < 1):
         raise ConfigError(f"key 'data.input_long_side' must be null or a positive integer, got {long_side!r}")
-    weights = cfg["loss"]["class_weights"]
+    weights = cfg.loss.class_weights
     if weights is not None and (not isinstance(weights, list) or len(weights) != num_classes):
         raise ConfigError(f"key 'loss.class_weights' must be null or a list of {num_classes} numbers")
-    if cfg["export"]["class_gate"] is not None and not cfg["model"]["class_head"]:
+    if cfg.export.class_gate is not None and not cfg.model.class_head:
         raise ConfigError("key 'export.class_gate' needs model.class_head: true")
 
 
@@ -375,9 +369,9 @@ def _check_crop(crop: int, stride: int) -> None:
         raise ConfigError(f"key 'data.crop_size' must be a multiple of the network stride {stride}, got {crop}")
 
 
-def _check_rounds(cfg: Mapping) -> None:
+def _check_rounds(cfg: Config) -> None:
     """The ranges of rounds and min_probability are checked when the config loads."""
-    if cfg["self_training"]["rounds"] > 1 and cfg["mask_source"] != "pseudo":
+    if cfg.self_training.rounds > 1 and cfg.mask_source != "pseudo":
         raise ConfigError("key 'self_training.rounds' above 1 needs mask_source: pseudo")
 
 
@@ -409,23 +403,23 @@ def predict_training_masks(model: nn.Module, source: ImageSource, out_dir: Path,
     return out_dir
 
 
-def _fit_round(cfg: Mapping, device: torch.device, out_dir: Path, mask_dir: Path | None,
+def _fit_round(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path | None,
                train_source: ImageSource, val_source: ImageSource, resume: bool) -> tuple[dict, dict]:
     """Train one network on ``mask_dir`` (None: ground truth) into ``out_dir``; returns the
     Trainer's result and the checkpoint metadata."""
-    model_config = model_config_from(cfg["model"], train_source.num_classes)
-    model = build_model(model_config, cfg["model"]["encoder_weights"]).to(device)
-    _check_crop(cfg["data"]["crop_size"], network_stride(model))
+    model_config = model_config_from(cfg.model, train_source.num_classes)
+    model = build_model(model_config, cfg.model.encoder_weights).to(device)
+    _check_crop(cfg.data.crop_size, network_stride(model))
 
-    data = cfg["data"]
+    data = cfg.data
     transform = build_transform(True, crop_size=data["crop_size"], resize_long=data["input_long_side"],
                                 scale_range=data["scale_range"], hflip=data["hflip"],
                                 color_jitter=data["color_jitter"])
-    dataset = SegmentationDataset(train_source, mask_dir, transform, cfg["on_error"])
-    loader = build_train_loader(dataset, cfg["train"]["batch_size"], cfg["num_workers"],
-                                cfg["seed"], pin_memory=device.type == "cuda")
+    dataset = SegmentationDataset(train_source, mask_dir, transform, cfg.on_error)
+    loader = build_train_loader(dataset, cfg.train.batch_size, cfg.num_workers,
+                                cfg.seed, pin_memory=device.type == "cuda")
 
-    weights = cfg["loss"]["class_weights"]
+    weights = cfg.loss.class_weights
     criterion = nn.CrossEntropyLoss(
         weight=None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device),
         ignore_index=IGNORE_INDEX)
@@ -438,63 +432,64 @@ def _fit_round(cfg: Mapping, device: torch.device, out_dir: Path, mask_dir: Path
             return {"loss": pixel_loss}
         class_loss = F.binary_cross_entropy_with_logits(
             class_logits.float(), classes_in_masks(masks, train_source.num_classes))
-        return {"loss": pixel_loss + cfg["loss"]["class_head_weight"] * class_loss,
+        return {"loss": pixel_loss + cfg.loss.class_head_weight * class_loss,
                 "pixel_loss": pixel_loss, "class_loss": class_loss}
 
     validate_fn = None
     if val_source.has_masks:
-        val_ids = usable_val_ids(val_source, val_source.ids[: cfg["val"]["max_images"] or None],
-                                 cfg["on_error"])
+        val_ids = usable_val_ids(val_source, val_source.ids[: cfg.val.max_images or None],
+                                 cfg.on_error)
 
         def validate_fn(net: nn.Module) -> dict:
-            return evaluate(net, val_source, val_ids, data["input_long_side"], cfg["on_error"])
+            return evaluate(net, val_source, val_ids, data["input_long_side"], cfg.on_error)
     else:
-        print(f"warning: split '{cfg['dataset']['val_split']}' has no masks: no validation, "
+        print(f"warning: split '{cfg.dataset.val_split}' has no masks: no validation, "
               f"best.pt is the last epoch", file=sys.stderr)
 
-    groups = param_groups(model, cfg["train"]["new_layer_lr_mult"])
-    metadata = submission_metadata(model_config, train_source.class_names)
-    fields = {**metadata, "mask_source": cfg["mask_source"], "config": _plain(cfg)}
+    groups = param_groups(model, cfg.train.new_layer_lr_mult)
+    metadata = checkpoint_metadata(model_config, train_source.class_names, IMAGENET_MEAN,
+                                   IMAGENET_STD)
+    fields = {**metadata, "mask_source": cfg.mask_source, "config": cfg.to_dict()}
     masks = "ground-truth" if mask_dir is None else str(mask_dir)
-    print(f"step 6: {len(dataset)} training images (masks: {masks}), "
+    print(f"6_segmentation: {len(dataset)} training images (masks: {masks}), "
           f"{model_config['arch']} / {model_config['encoder_name']}, device {device}", file=sys.stderr)
-    trainer = Trainer(distributed.wrap_model(model, device, cfg["train"]["sync_bn"]), groups,
-                      loader, out_dir, cfg["train"], device, step_fn=step_fn,
+    trainer = Trainer(distributed.wrap_model(model, device, cfg.train.sync_bn), groups,
+                      loader, out_dir, cfg.train, device, step_fn=step_fn,
                       validate_fn=validate_fn, best_metric="miou" if validate_fn else None,
                       checkpoint_fields=fields, resume=resume)
     return trainer.fit(), metadata
 
 
-def step_inputs(cfg: Mapping) -> dict[str, Path]:
+def step_inputs(cfg: Config) -> dict[str, Path]:
     """What this step reads besides the dataset (``provenance``): the pseudo masks, or
     nothing with ``mask_source=gt``."""
-    if cfg["mask_source"] == "gt":
+    if cfg.mask_source == "gt":
         return {}
-    return {"masks": Path(cfg["pseudo_mask_dir"] or Path(cfg["work_dir"]) / STEP_DIRS[5])}
+    return {"masks": Path(cfg.pseudo_mask_dir or Path(cfg.work_dir) / STEP_DIRS[5])}
 
 
-def train_segmentation(cfg: Mapping) -> dict:
+def run(cfg: Config) -> dict:
     """Train (``self_training.rounds`` times, each round on the previous one's label-restricted
     predictions), validate and export the last round; returns its best val mIoU (percent) and
     the file paths. Rounds before the last live in ``6_segmentation/round<r>/``."""
     started = time.time()
-    out_dir = step_dir(cfg["work_dir"], STEP)
-    rounds = cfg["self_training"]["rounds"]
+    out_dir = step_dir(cfg.work_dir, STEP)
+    rounds = cfg.self_training.rounds
     _check_rounds(cfg)
-    claim_folder(out_dir, cfg, step_inputs(cfg))
-    check_resume(out_dir, cfg["resume"], cfg["overwrite"])
+    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
+    check_resume(out_dir, cfg.resume, cfg.overwrite)
     device = distributed.setup(cfg)
-    seed_everything(cfg["seed"] + distributed.rank())  # ranks augment differently
-    dataset_cfg = cfg["dataset"]
-    train_source = build_source(dataset_cfg, dataset_cfg["train_split"])
-    val_source = build_source(dataset_cfg, dataset_cfg["val_split"])
+    seed_everything(cfg.seed + distributed.rank())  # ranks augment differently
+    dataset_cfg = cfg.dataset
+    train_source = build_source(dataset_cfg, dataset_cfg.train_split)
+    val_source = build_source(dataset_cfg, dataset_cfg.val_split)
     mask_dir = mask_dir_for(cfg)
     _check_settings(cfg, train_source.num_classes)
 
     for round_index in range(1, rounds):
         round_dir = out_dir / f"round{round_index}"
-        if read_done(round_dir) is None or cfg["overwrite"]:
-            resume = cfg["resume"] and (round_dir / "last.pt").is_file()
+        if read_done(round_dir) is None or cfg.overwrite:
+            resume = cfg.resume and (round_dir / "last.pt").is_file()
             _fit_round(cfg, device, round_dir, mask_dir, train_source, val_source, resume)
             if distributed.is_main():
                 mark_done(round_dir, {"round": round_index})
@@ -503,14 +498,14 @@ def train_segmentation(cfg: Mapping) -> dict:
             model = build_model(best["model_config"]).to(device)
             model.load_state_dict(best["model"])
             predict_training_masks(model.eval(), train_source, round_dir / "masks",
-                                   cfg["data"]["input_long_side"],
-                                   cfg["self_training"]["min_probability"], cfg["overwrite"],
-                                   cfg["on_error"])
+                                   cfg.data.input_long_side,
+                                   cfg.self_training.min_probability, cfg.overwrite,
+                                   cfg.on_error)
         distributed.barrier()
         mask_dir = round_dir / "masks"
-        seed_everything(cfg["seed"] + distributed.rank())  # every round starts like the first
+        seed_everything(cfg.seed + distributed.rank())  # every round starts like the first
 
-    resume = cfg["resume"] and (out_dir / "last.pt").is_file()
+    resume = cfg.resume and (out_dir / "last.pt").is_file()
     result, metadata = _fit_round(cfg, device, out_dir, mask_dir, train_source, val_source,
                                   resume)
     validated = val_source.has_masks
@@ -520,7 +515,7 @@ def train_segmentation(cfg: Mapping) -> dict:
         export_for_submission(out_dir, checkpoint, cfg)
     summary = {"miou": result["best_score"] if validated else None,
                "best_epoch": result["best_epoch"], "epochs": result["epochs"], "rounds": rounds,
-               "split": dataset_cfg["val_split"], "model": str(out_dir / "model.pt"),
+               "split": dataset_cfg.val_split, "model": str(out_dir / "model.pt"),
                "export_config": str(out_dir / "export_config.yaml"),
                "seconds": round(time.time() - started, 2)}
     if distributed.is_main():
@@ -528,5 +523,7 @@ def train_segmentation(cfg: Mapping) -> dict:
     return summary
 
 
-def _plain(cfg: Mapping) -> dict:
-    return cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+def summary_line(summary: dict) -> str:
+    miou = "n/a (no val masks)" if summary["miou"] is None else f"{summary['miou']:.2f}"
+    return (f"6_segmentation: val mIoU {miou} (best epoch {summary['best_epoch']}/{summary['epochs']}, "
+            f"split {summary['split']}, {summary['seconds']:.0f}s); exported {summary['model']}")

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -175,18 +175,29 @@ def image_to_tensor(image: np.ndarray, mean, std, device: torch.device) -> torch
     return ((tensor - mean) / std).unsqueeze(0)
 
 
-def save_png_atomic(path: Path, mask: np.ndarray) -> None:
-    """Write via a temp file in the same folder + rename: never a truncated PNG."""
+TEMP_PREFIX = ".tmp."  # atomic_write's temporary files: hidden (the repo's done markers sweep them)
+
+
+def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Path:
+    """Call ``write_fn(tmp_path)`` on a temporary file beside ``path`` (same suffix), then
+    rename it onto ``path``: a reader never sees a truncated file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    handle, temp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}.", suffix=path.suffix,
+                                         dir=path.parent)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "wb") as file:
-            Image.fromarray(mask).save(file, format="PNG")
+        write_fn(temp_name)
         os.chmod(temp_name, FILE_MODE)  # mkstemp creates 0600; give the usual permissions
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+    return path
+
+
+def save_png(path: Path, mask: np.ndarray) -> None:
+    atomic_write(path, lambda temp_name: Image.fromarray(mask).save(temp_name, format="PNG"))
 
 
 # ----------------------------------------------------------------------------- prediction
@@ -349,7 +360,7 @@ def predict_folder(
             failed += 1
             continue
         tensor = image_to_tensor(image, loaded.mean, loaded.std, device)
-        save_png_atomic(save_dir / f"{name}.png", predict_mask(loaded.model, tensor, cfg, amp))
+        save_png(save_dir / f"{name}.png", predict_mask(loaded.model, tensor, cfg, amp))
         done += 1
     return done, failed
 

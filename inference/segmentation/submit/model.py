@@ -112,23 +112,20 @@ def split_outputs(output) -> tuple[torch.Tensor, torch.Tensor | None]:
     return output, None
 
 
-def make_checkpoint(
-    model: nn.Module,
-    model_config: dict[str, Any],
-    class_names: list[str],
-    mean: list[float],
-    std: list[float],
-) -> dict[str, Any]:
-    """The dict to ``torch.save`` for this folder, validated exactly as it will be read."""
+def checkpoint_metadata(model_config: dict[str, Any], class_names: list[str], mean: list[float],
+                        std: list[float]) -> dict[str, Any]:
+    """Everything but the weights that a checkpoint for this folder holds, validated exactly
+    as it will be read (step 6 stores it in best.pt / last.pt too)."""
     normalize = {"mean": [float(v) for v in mean], "std": [float(v) for v in std]}
     model_config = dict(model_config)
     _validate_metadata(model_config, list(class_names), normalize)
-    return {
-        "model": model.state_dict(),
-        "model_config": model_config,
-        "class_names": list(class_names),
-        "normalize": normalize,
-    }
+    return {"model_config": model_config, "class_names": list(class_names), "normalize": normalize}
+
+
+def make_checkpoint(model: nn.Module, model_config: dict[str, Any], class_names: list[str],
+                    mean: list[float], std: list[float]) -> dict[str, Any]:
+    """The dict to ``torch.save`` for this folder."""
+    return {"model": model.state_dict(), **checkpoint_metadata(model_config, class_names, mean, std)}
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:

@@ -14,6 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoints import read_checkpoint
+from .backbones import build_multilevel_backbone
+
 OUTPUT_STRIDE = 4
 
 
@@ -208,3 +211,18 @@ def predict_boundary(model: IRNet, image: torch.Tensor, flip: bool = True) -> to
     if flip:
         return torch.sigmoid((logits[0] + logits[1].flip(-1)) / 2)
     return torch.sigmoid(logits[0])
+
+
+def build_irnet(irn_cfg, weights: str | None = None) -> IRNet:
+    backbone, channels = build_multilevel_backbone(
+        irn_cfg["backbone"], weights or irn_cfg["weights"], irn_cfg["output_stride"])
+    return IRNet(backbone, channels, with_displacement=irn_cfg["with_displacement"])
+
+
+def load_irnet(path, device) -> IRNet:
+    """A trained IRNet from a step-4 checkpoint, in eval mode."""
+    checkpoint = read_checkpoint(path, "re-run step 4 with overwrite=true", device,
+                                 keys=("model", "arch"))
+    model = build_irnet(checkpoint["arch"], weights="none")
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval()

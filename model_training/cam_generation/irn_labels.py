@@ -10,8 +10,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from inference.common.metrics import IGNORE_INDEX
-from inference.common.path_index import PathIndex
+from model_training.common.metrics import IGNORE_INDEX
+from model_training.common.path_index import PathIndex
 
 EPS = 1e-5
 

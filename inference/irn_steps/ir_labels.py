@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.common import step_io
-from inference.common.crf import crf_inference
-from inference.common.metrics import IGNORE_INDEX
-from inference.common.progress import progress
+from model_training.common import step_io
+from model_training.common.crf import crf_inference
+from model_training.common.metrics import IGNORE_INDEX
+from model_training.common.progress import progress
 
 UNSURE = IGNORE_INDEX  # IRNet learns nothing from these pixels
 
@@ -33,9 +33,9 @@ def cams_to_ir_label(
     image: np.ndarray,
     keys: Iterable[int],
     high_res_cams: np.ndarray,
-    conf_fg_thres: float = 0.30,
-    conf_bg_thres: float = 0.05,
-    crf_params: Mapping | None = None,
+    conf_fg_thres: float,
+    conf_bg_thres: float,
+    crf_params: Mapping,
 ) -> np.ndarray:
     """uint8 HxW label: 0 confident background, class id confident foreground, 255 unsure.
 
@@ -55,7 +55,6 @@ def cams_to_ir_label(
         return np.zeros(image.shape[:2], np.uint8)
 
     label_to_class = np.concatenate([[0], class_ids]).astype(np.uint8)
-    crf_params = dict(crf_params or {})
     fg = label_to_class[_crf_labels(image, cams, conf_fg_thres, crf_params)]
     bg = label_to_class[_crf_labels(image, cams, conf_bg_thres, crf_params)]
 
@@ -69,9 +68,9 @@ def process_image(
     load_image: Callable[[str], np.ndarray],
     cam_dir: str | Path,
     out_dir: str | Path,
-    conf_fg_thres: float = 0.30,
-    conf_bg_thres: float = 0.05,
-    crf_params: Mapping | None = None,
+    conf_fg_thres: float,
+    conf_bg_thres: float,
+    crf_params: Mapping,
 ) -> None:
     """Read `<cam_dir>/<id>.npz` and the image, write `<out_dir>/<id>.png` atomically."""
     cams = step_io.load_cams(Path(cam_dir) / f"{image_id}.npz")

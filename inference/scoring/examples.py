@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from inference.segmentation.submit import generate_predictions as submit
+from model_training.common.step_io import STEP_DIRS, atomic_write, load_cams, load_png
 
-from .step_io import STEP_DIRS, atomic_write, load_cams, load_png
 from .visualize import cam_overlay, colorize_labels, image_grid
 
 TITLES = ["image", "CAM", "IR labels", "pseudo mask", "prediction", "ground truth"]

@@ -7,7 +7,6 @@ files line up pixel for pixel with the image and its mask.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 
@@ -19,15 +18,19 @@ from torch.utils.data import DataLoader, Dataset
 from model_training.common.config import ConfigError, resolve_device
 from model_training.common.datasets import build_source
 from model_training.common.models import load_cam_classifier
+from model_training.common.provenance import claim_folder
+from model_training.common.step_io import (STEP_DIRS, classifier_dir, clear_done,
+                                           image_step_summary, image_summary_line, mark_done,
+                                           pending_ids, run_over_images, save_cams, shard_ids,
+                                           step_dir)
 from model_training.common.transforms import image_to_tensor
 
-from .cam import (CAM_STRIDE, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams,
-                  multiscale_cams, select_outputs)
-from .provenance import claim_folder
-from .step_io import (classifier_dir, clear_done, mark_done, pending_ids, run_over_images,
-                      save_cams, shard_ids, step_dir)
+from .cam import (CAM_STRIDE, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams, multiscale_cams,
+                  select_outputs)
 
 CLASSIFIER_EPOCHS = ("best", "last")
+
+SHARDABLE = True
 
 DEFAULTS = {
     "cam": {
@@ -157,19 +160,19 @@ def step_inputs(cfg) -> dict[str, Path]:
     return inputs
 
 
-def run(cfg, ids: list[str] | None = None) -> dict:
+def run(cfg) -> dict:
     """Write ``2_cams/<id>.npz`` for every image of ``cam.split`` (resuming); returns a summary."""
     start = time.time()
     checkpoints = _check(cfg)
     device = resolve_device(cfg.device)
     source = build_source(cfg.dataset, cfg.cam.split)
     out_dir = step_dir(cfg.work_dir, 2)
-    claim_folder(out_dir, cfg, step_inputs(cfg))
+    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
     clear_done(out_dir, cfg.shard)
     main = CamExtractor(checkpoints[0], device, cfg.cam)
     # An excluded class's binary classifier adds its map where it predicts the class.
     extras = [CamExtractor(path, device, cfg.cam) for path in checkpoints[1:]]
-    ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
+    ids = shard_ids(source.ids, cfg.shard)
     todo = pending_ids(ids, out_dir, ".npz", cfg.overwrite)
     loader = DataLoader(_ImageList(source, todo), batch_size=None, num_workers=cfg.num_workers)
     background_only = []
@@ -189,9 +192,12 @@ def run(cfg, ids: list[str] | None = None) -> dict:
             background_only.append(image_id)
 
     written, failed = run_over_images(loader, extract, "2 cams", cfg.on_error)
-    summary = {"written": written, "background_only": len(background_only), "failed": failed,
-               "skipped_existing": len(ids) - len(todo), "seconds": round(time.time() - start, 2)}
+    summary = image_step_summary(start, written, failed, len(ids) - len(todo),
+                                 background_only=len(background_only))
     mark_done(out_dir, summary, cfg.shard)
-    print(f"2_cams: {written} written ({len(background_only)} with no class: background only), "
-          f"{len(failed)} failed -> {out_dir}", file=sys.stderr)
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    return (f"{image_summary_line(STEP_DIRS[2], summary)}; {summary['background_only']} with "
+            f"no class: all background")

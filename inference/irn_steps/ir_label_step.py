@@ -5,29 +5,33 @@ import functools
 import time
 from pathlib import Path
 
+from model_training.common.auto_thresholds import resolve_auto
 from model_training.common.config import AutoFloat
+from model_training.common.crf import IRNET_PARAMS
 from model_training.common.datasets import build_source
+from model_training.common.provenance import claim_folder
+from model_training.common.step_io import (STEP_DIRS, clear_done, ids_with_inputs,
+                                           image_step_summary, image_summary_line, mark_done,
+                                           pending_ids, shard_ids, step_dir)
 
-from .auto_thresholds import resolve_auto
 from .ir_labels import process_image, run_pool
-from .provenance import claim_folder
-from .step_io import (STEP_DIRS, clear_done, ids_with_inputs, mark_done, pending_ids, shard_ids,
-                      step_dir)
+
+SHARDABLE = True
 
 DEFAULTS = {
     "crf": {
         "split": "train",
         # CAM scores above which a pixel is confident foreground / still background; auto:
-        # from the CAMs' best background threshold (inference/common/auto_thresholds.py)
+        # from the CAMs' best background threshold (model_training/common/auto_thresholds.py)
         "conf_fg_thres": AutoFloat(0.30),
         "conf_bg_thres": AutoFloat(0.05),
-        "iterations": 10,
-        "gt_prob": 0.7,
-        "gaussian_sxy": 3,
-        "gaussian_compat": 3,
-        "bilateral_sxy": 50,
-        "bilateral_srgb": 5,
-        "bilateral_compat": 10,
+        "iterations": IRNET_PARAMS["t"],
+        "gt_prob": IRNET_PARAMS["gt_prob"],
+        "gaussian_sxy": IRNET_PARAMS["gaussian"][0],
+        "gaussian_compat": IRNET_PARAMS["gaussian"][1],
+        "bilateral_sxy": IRNET_PARAMS["bilateral"][0],
+        "bilateral_srgb": IRNET_PARAMS["bilateral"][1],
+        "bilateral_compat": IRNET_PARAMS["bilateral"][2],
         "num_workers": None,  # None: one process per CPU core
     },
 }
@@ -48,15 +52,15 @@ def step_inputs(cfg) -> dict[str, Path]:
     return {"cams": Path(cfg.work_dir) / STEP_DIRS[2]}
 
 
-def run(cfg, ids: list[str] | None = None) -> dict:
+def run(cfg) -> dict:
     """Write ``3_ir_labels/<id>.png`` for every image with CAMs (resuming); returns a summary."""
     start = time.time()
     source = build_source(cfg.dataset, cfg.crf.split)
     cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 3)
-    ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
+    ids = shard_ids(source.ids, cfg.shard)
     with_cams = ids_with_inputs(ids, cam_dir, ".npz", producer=2)
     derived = resolve_auto(cfg, "crf", ("conf_fg_thres", "conf_bg_thres"), cfg.crf.split)
-    claim_folder(out_dir, cfg, step_inputs(cfg))
+    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
     clear_done(out_dir, cfg.shard)
     todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
     worker = functools.partial(
@@ -65,10 +69,12 @@ def run(cfg, ids: list[str] | None = None) -> dict:
         crf_params=crf_params(cfg.crf))
     done, failed = run_pool(todo, worker, cfg.crf.num_workers, desc="3 ir labels",
                             on_error=cfg.on_error)
-    summary = {"written": done, "failed": failed, "skipped_existing": len(with_cams) - len(todo),
-               "without_cams": len(ids) - len(with_cams),
-               "seconds": round(time.time() - start, 2)}
-    if derived:
-        summary["auto"] = derived
+    summary = image_step_summary(start, done, failed, len(with_cams) - len(todo),
+                                 without_cams=len(ids) - len(with_cams),
+                                 **({"auto": derived} if derived else {}))
     mark_done(out_dir, summary, cfg.shard)
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    return image_summary_line(STEP_DIRS[3], summary)

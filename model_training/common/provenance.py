@@ -16,9 +16,9 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from model_training.common.config import ConfigError, save_config
+from model_training.common.config import COMMON_DEFAULTS, ConfigError, merge_defaults
 
-from .step_io import DONE_FILE, atomic_write
+from .step_io import DONE_FILE, atomic_write, save_config
 
 PROVENANCE_FILE = "provenance.json"
 
@@ -77,12 +77,15 @@ def input_identity(path: str | os.PathLike) -> str:
     return "missing"
 
 
+def _as_json(value: Any) -> Any:
+    """``value`` as ``provenance.json`` holds it: tuples become lists, paths strings."""
+    return json.loads(json.dumps(value, default=str))
+
+
 def build_recipe(cfg: Mapping, inputs: Mapping[str, str | os.PathLike]) -> dict:
-    """Settings and input identities, as recorded in ``provenance.json`` (so in JSON's
-    types: tuples become lists, paths strings)."""
-    recipe = {"settings": output_settings(cfg),
-              "inputs": {name: input_identity(path) for name, path in inputs.items()}}
-    return json.loads(json.dumps(recipe, default=str))
+    """Settings and input identities, as recorded in ``provenance.json``."""
+    return _as_json({"settings": output_settings(cfg),
+                     "inputs": {name: input_identity(path) for name, path in inputs.items()}})
 
 
 def read_recipe(folder: str | os.PathLike) -> dict | None:
@@ -90,13 +93,17 @@ def read_recipe(folder: str | os.PathLike) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def differences(recorded: Mapping, wanted: Mapping) -> list[str]:
-    """``key: old -> new`` for every setting or input that differs."""
+def differences(recorded: Mapping, wanted: Mapping, defaults: Mapping) -> list[str]:
+    """``key: old -> new`` for every setting or input that differs. A setting the record
+    lacks (the code gained it since) counts as unchanged while it holds its default:
+    an option is added with a default that keeps the old behaviour."""
     found = []
     for section, label in (("settings", ""), ("inputs", "input ")):
         old, new = recorded.get(section, {}), wanted.get(section, {})
         for key in sorted(set(old) | set(new), key=lambda k: (k not in new, k)):
-            if old.get(key, "<unset>") != new.get(key, "<unset>"):
+            added_at_default = section == "settings" and key not in old and key in defaults \
+                and new.get(key) == defaults[key]
+            if old.get(key, "<unset>") != new.get(key, "<unset>") and not added_at_default:
                 found.append(f"{label}{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}")
     return found
 
@@ -105,16 +112,20 @@ def _holds_outputs(folder: Path) -> bool:
     return folder.is_dir() and any(p.name not in ("config.yaml", "tb") for p in folder.iterdir())
 
 
-def stale_reasons(folder: str | os.PathLike, cfg: Mapping, inputs: Mapping) -> list[str]:
+def stale_reasons(folder: str | os.PathLike, cfg: Mapping, inputs: Mapping,
+                  defaults: Mapping) -> list[str]:
     """Why the outputs in ``folder`` were not made by this recipe ([] when they were, or when
-    there are none yet). With ``resume=true`` a training step may change ``RESUMABLE_KEYS``."""
-    return _reasons(Path(folder), read_recipe(folder), build_recipe(cfg, inputs), cfg)
+    there are none yet); ``defaults`` are the step's ``DEFAULTS``. With ``resume=true`` a
+    training step may change ``RESUMABLE_KEYS``."""
+    return _reasons(Path(folder), read_recipe(folder), build_recipe(cfg, inputs), cfg, defaults)
 
 
-def _reasons(folder: Path, recorded: dict | None, recipe: dict, cfg: Mapping) -> list[str]:
+def _reasons(folder: Path, recorded: dict | None, recipe: dict, cfg: Mapping,
+             defaults: Mapping) -> list[str]:
     if recorded is None:
         return ["it has no provenance.json (made by an older version)"] if _holds_outputs(folder) else []
-    found = differences(recorded, recipe)
+    default_settings = _as_json(output_settings(merge_defaults(COMMON_DEFAULTS, defaults)))
+    found = differences(recorded, recipe, default_settings)
     if cfg.get("resume"):
         found = [d for d in found if d.split(":")[0] not in RESUMABLE_KEYS]
     return found
@@ -128,14 +139,14 @@ def stale_message(folder: str | os.PathLike, reasons: list[str]) -> str:
 
 
 def claim_folder(folder: str | os.PathLike, cfg: Mapping,
-                 inputs: Mapping[str, str | os.PathLike]) -> None:
+                 inputs: Mapping[str, str | os.PathLike], defaults: Mapping) -> None:
     """Call as a step starts, before it writes: stop if ``folder`` holds outputs of another
     recipe (unless ``overwrite``), else record this recipe and the resolved config. An
     unchanged recipe leaves both files as they are; a changed one (with ``overwrite``) also
-    forgets that the folder had finished."""
+    forgets that the folder had finished. ``defaults``: the step's ``DEFAULTS``."""
     folder = Path(folder)
     recorded, recipe = read_recipe(folder), build_recipe(cfg, inputs)
-    reasons = _reasons(folder, recorded, recipe, cfg)
+    reasons = _reasons(folder, recorded, recipe, cfg, defaults)
     if reasons and not cfg.get("overwrite"):
         raise ConfigError(stale_message(folder, reasons))
     if recorded != recipe:

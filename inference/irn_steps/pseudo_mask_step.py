@@ -7,7 +7,6 @@ optionally a CRF, and the uint8 mask of class ids at the image's size.
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
@@ -15,18 +14,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model_training.cam_generation.irn_training import load_irnet
+from model_training.common.auto_thresholds import resolve_auto
 from model_training.common.config import AutoFloat, ConfigError, resolve_device
+from model_training.common.crf import IRNET_PARAMS, crf_inference
 from model_training.common.datasets import build_source
-from model_training.common.models.irnet import predict_boundary
+from model_training.common.models.irnet import load_irnet, predict_boundary
+from model_training.common.provenance import claim_folder
+from model_training.common.step_io import (STEP_DIRS, atomic_write, clear_done, ids_with_inputs,
+                                           image_step_summary, image_summary_line, load_cams,
+                                           mark_done, pending_ids, run_over_images, save_png,
+                                           shard_ids, step_dir)
 from model_training.common.transforms import image_to_tensor
 
-from .auto_thresholds import resolve_auto
-from .crf import crf_inference
 from .random_walk import background_seed, pseudo_mask_from_rw, random_walk
-from .provenance import claim_folder
-from .step_io import (STEP_DIRS, atomic_write, clear_done, ids_with_inputs, load_cams, mark_done,
-                      pending_ids, run_over_images, save_png, shard_ids, step_dir)
+
+SHARDABLE = True
 
 DEFAULTS = {
     "pseudo": {
@@ -45,8 +47,8 @@ DEFAULTS = {
         "flip": True,  # boundary-map test-time flip
         "input_long_side": None,  # upscale small images before IRNet (finer boundaries)
         "crf": False,  # refine the final masks with a dense CRF (the default kernels)
-        "crf_iterations": 10,
-        "crf_gt_prob": 0.7,
+        "crf_iterations": IRNET_PARAMS["t"],
+        "crf_gt_prob": IRNET_PARAMS["gt_prob"],
         # also write <id>.npz: keys (0 = the walked background, first, with background: walk)
         # and rw float16 (maps, h, w), the walked maps on the walk's grid, before the argmax
         "save_rw": False,
@@ -96,8 +98,8 @@ class PseudoMaskMaker:
             class_of_label = np.concatenate([[0], keys]).astype(np.uint8)
             label_of_class = {int(c): i for i, c in enumerate(class_of_label)}
             labels = np.vectorize(label_of_class.get)(mask)
-            refined = crf_inference(image, labels, len(class_of_label), t=cfg.crf_iterations,
-                                    gt_prob=cfg.crf_gt_prob)
+            refined = crf_inference(image, labels, len(class_of_label), **{
+                **IRNET_PARAMS, "t": cfg.crf_iterations, "gt_prob": cfg.crf_gt_prob})
             mask = class_of_label[refined]
         rw_keys = np.concatenate([[0], keys]) if walk_background else keys
         return mask, {"keys": rw_keys.astype(np.int64), "rw": walked.numpy()}
@@ -111,7 +113,7 @@ def step_inputs(cfg) -> dict[str, Path]:
             else Path(cfg.work_dir) / STEP_DIRS[4]}
 
 
-def run(cfg, ids: list[str] | None = None) -> dict:
+def run(cfg) -> dict:
     """Write ``5_pseudo_masks/<id>.png`` for every image with CAMs (resuming)."""
     start = time.time()
     if cfg.pseudo.background not in ("threshold", "walk"):
@@ -123,10 +125,10 @@ def run(cfg, ids: list[str] | None = None) -> dict:
     device = resolve_device(cfg.device)
     source = build_source(cfg.dataset, cfg.pseudo.split)
     cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 5)
-    ids = shard_ids(source.ids if ids is None else ids, cfg.shard)
+    ids = shard_ids(source.ids, cfg.shard)
     with_cams = ids_with_inputs(ids, cam_dir, ".npz", producer=2)
     derived = resolve_auto(cfg, "pseudo", ("bg_thres", "bg_power"), cfg.pseudo.split)
-    claim_folder(out_dir, cfg, step_inputs(cfg))
+    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
     clear_done(out_dir, cfg.shard)
     maker = PseudoMaskMaker(checkpoint, device, cfg.pseudo)
     todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
@@ -140,11 +142,12 @@ def run(cfg, ids: list[str] | None = None) -> dict:
 
     with torch.no_grad():
         written, failed = run_over_images(todo, make, "5 pseudo masks", cfg.on_error)
-    summary = {"written": written, "failed": failed, "skipped_existing": len(with_cams) - len(todo),
-               "without_cams": len(ids) - len(with_cams),
-               "seconds": round(time.time() - start, 2)}
-    if derived:
-        summary["auto"] = derived
+    summary = image_step_summary(start, written, failed, len(with_cams) - len(todo),
+                                 without_cams=len(ids) - len(with_cams),
+                                 **({"auto": derived} if derived else {}))
     mark_done(out_dir, summary, cfg.shard)
-    print(f"5_pseudo_masks: {written} written, {len(failed)} failed -> {out_dir}", file=sys.stderr)
     return summary
+
+
+def summary_line(summary: dict) -> str:
+    return image_summary_line(STEP_DIRS[5], summary)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.common.path_index import PathIndex, edge_to_affinity
+from model_training.common.path_index import PathIndex, edge_to_affinity
 
 
 def _neighbourhood(boundary: torch.Tensor, path_index: PathIndex, beta: float):
@@ -48,7 +48,7 @@ def _neighbourhood(boundary: torch.Tensor, path_index: PathIndex, beta: float):
     return steps, weights, valid
 
 
-def transition_matrix(boundary: torch.Tensor, path_index: PathIndex, beta: float = 10):
+def transition_matrix(boundary: torch.Tensor, path_index: PathIndex, beta: float):
     """Sparse CSR (hw, hw) M = D^-1 A for an (h, w) boundary map; rows sum to 1.
 
     A holds affinity^beta for both directions of every pair and 1 on the diagonal. Built
@@ -74,9 +74,9 @@ def transition_matrix(boundary: torch.Tensor, path_index: PathIndex, beta: float
 def random_walk(
     cams: torch.Tensor,
     boundary: torch.Tensor,
-    beta: float = 10,
-    exp_times: int = 8,
-    radius: int = 5,
+    beta: float,
+    exp_times: int,
+    radius: int,
 ) -> torch.Tensor:
     """Propagate (K, h, w) maps over an (h, w) boundary map; returns (K, h, w) float32.
 
@@ -120,9 +120,9 @@ def _pair_affinities(boundary: torch.Tensor, path_index: PathIndex):
 def random_walk_dense_reference(
     cams: torch.Tensor,
     boundary: torch.Tensor,
-    beta: float = 10,
-    exp_times: int = 8,
-    radius: int = 5,
+    beta: float,
+    exp_times: int,
+    radius: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """IRNet's dense formula, for tests and the benchmark only: O((hw)^2) memory.
@@ -158,7 +158,7 @@ def background_seed(cams: torch.Tensor, power: float = 1.0) -> torch.Tensor:
 def pseudo_mask_from_rw(
     rw: torch.Tensor | np.ndarray,
     keys: Sequence[int] | np.ndarray,
-    bg_thres: float = 0.25,
+    bg_thres: float | None,
     out_size: tuple[int, int] | None = None,
     stride: int | None = 4,
     walked_background: bool = False,
@@ -169,7 +169,8 @@ def pseudo_mask_from_rw(
     divide by the global max, add a constant background channel `bg_thres`, argmax.
     ``stride=None`` resizes straight to `out_size` (maps on another grid than the image's).
     With ``walked_background`` the first of K + 1 maps is a walked background
-    (`background_seed`): every map is divided by its own max and the argmax decides.
+    (`background_seed`): every map is divided by its own max and the argmax decides
+    (`bg_thres` unused: None).
     """
     rw = torch.as_tensor(rw, dtype=torch.float32)
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)

@@ -5,9 +5,8 @@ import json
 from pathlib import Path
 
 from model_training.common.datasets import build_source
-
-from .evaluation import evaluate_cam_folder, evaluate_label_folder
-from .step_io import STEP_DIRS, atomic_write, read_done
+from model_training.common.evaluation import evaluate_cam_folder, evaluate_label_folder
+from model_training.common.step_io import STEP_DIRS, atomic_write, read_done
 
 # The stage each step's output is scored as (steps 4 and 6 train models: time only).
 STAGE_OF_STEP = {STEP_DIRS[2]: "cam", STEP_DIRS[3]: "ir_label", STEP_DIRS[5]: "pseudo_mask",

@@ -5,22 +5,26 @@ import numpy as np
 import pydensecrf.densecrf as dcrf
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
+# IRNet's CRF: iterations, label confidence, (sxy, compat) and (sxy, srgb, compat) kernels
+IRNET_PARAMS = {"t": 10, "gt_prob": 0.7, "gaussian": (3, 3), "bilateral": (50, 5, 10)}
+
 
 def crf_inference(
     image: np.ndarray,
     probs_or_labels: np.ndarray,
     n_labels: int,
-    t: int = 10,
-    gt_prob: float = 0.7,
-    gaussian: Sequence[float] = (3, 3),
-    bilateral: Sequence[float] = (50, 5, 10),
+    *,
+    t: int,
+    gt_prob: float,
+    gaussian: Sequence[float],
+    bilateral: Sequence[float],
 ) -> np.ndarray:
     """Refine a label map (H,W ints in [0, n_labels)) or probabilities (n_labels,H,W)
     with a fully connected CRF on the RGB image; returns the (H,W) label indices.
 
     `gaussian` is (sxy, compat) of the smoothness kernel, `bilateral` (sxy, srgb, compat)
-    of the appearance kernel. A label map is trusted with `gt_prob` everywhere (no
-    "unsure" label), as IRNet does; `gt_prob` is unused for probabilities.
+    of the appearance kernel (IRNet's: ``IRNET_PARAMS``). A label map is trusted with `gt_prob` everywhere (no "unsure" label),
+    as IRNet does; `gt_prob` is unused for probabilities.
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(f"image must be uint8 HxWx3, got {image.dtype} {image.shape}")

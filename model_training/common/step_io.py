@@ -9,17 +9,19 @@ import errno
 import json
 import os
 import sys
-import tempfile
+import time
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
+import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from inference.common.progress import progress
-from model_training.common.config import ConfigError, StepError, parse_shard
+from inference.segmentation.submit.generate_predictions import TEMP_PREFIX, atomic_write
+from model_training.common.config import Config, ConfigError, StepError, parse_shard
 from model_training.common.distributed import rank, world_size
+from model_training.common.progress import progress
 
 STEP_DIRS = {
     1: "1_classifier",
@@ -30,11 +32,6 @@ STEP_DIRS = {
     6: "6_segmentation",
     7: "7_predictions",
 }
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
 
 
 def classifier_dir(work_dir: str | os.PathLike, variant: str = "") -> Path:
@@ -50,25 +47,11 @@ def step_dir(work_dir: str | os.PathLike, step: int) -> Path:
     return path
 
 
-TEMP_PREFIX = ".tmp."  # atomic_write's temporary files: hidden, and swept by mark_done
-
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Path:
-    """Call ``write_fn(tmp_path)`` then rename onto ``path``; the temp file keeps the suffix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}.", suffix=path.suffix,
-                               dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; outputs get the usual umask mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+def save_config(cfg: Mapping, out_dir: str | os.PathLike) -> Path:
+    """Write the resolved config beside a step's outputs, so every result says how it was made."""
+    plain = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    return atomic_write(Path(out_dir) / "config.yaml",
+                        lambda tmp: Path(tmp).write_text(yaml.safe_dump(plain, sort_keys=False)))
 
 
 def save_cams(path, class_ids, cam: np.ndarray, high_res: np.ndarray) -> Path:
@@ -194,6 +177,18 @@ def run_over_images(items: Iterable, fn: Callable[..., object], desc: str,
 DONE_FILE = "done.json"
 
 
+def image_step_summary(started: float, written: int, failed: list[str], skipped: int,
+                       **extra) -> dict:
+    """What an image step (2, 3, 5) reports and records in its done marker."""
+    return {"written": written, "failed": failed, "skipped_existing": skipped, **extra,
+            "seconds": round(time.time() - started, 2)}
+
+
+def image_summary_line(folder: str, summary: dict) -> str:
+    return (f"{folder}: {summary['written']} written, {len(summary['failed'])} failed, "
+            f"{summary['skipped_existing']} already there ({summary['seconds']} s)")
+
+
 def _shard_done_file(index: int, count: int) -> str:
     return f"done.{index}-of-{count}.json"
 
@@ -227,8 +222,8 @@ def mark_done(folder, summary: dict, shard: str | None = None) -> Path:
 def remove_temp_files(folder) -> list[Path]:
     """Delete the temporary files that killed runs left in ``folder`` (and below): called once
     the step has finished, when nothing is writing there any more."""
-    leftovers = [p for p in Path(folder).rglob("*") if p.is_file() and (
-        p.name.startswith(TEMP_PREFIX) or (p.name.startswith("config.yaml.") and p.suffix == ".tmp"))]
+    leftovers = [p for p in Path(folder).rglob("*")
+                 if p.is_file() and p.name.startswith(TEMP_PREFIX)]
     for path in leftovers:
         path.unlink(missing_ok=True)
     return leftovers
