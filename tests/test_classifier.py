@@ -19,10 +19,11 @@ from model_training.cam_generation.classifier_training import (DEFAULTS, MultiLa
                                                                negative_weights, output_class_ids,
                                                                positive_weights, recam_loss,
                                                                repeat_factors, training_images)
-from model_training.common.config import Config, ConfigError, load_config
+from model_training.common.config import Config, ConfigError, StepError, load_config
 from model_training.common.datasets import build_source
 from model_training.common.models import (CamClassifier, build_backbone, build_cam_classifier,
-                                          build_multilevel_backbone, load_cam_classifier)
+                                          build_multilevel_backbone, init_from_checkpoint,
+                                          load_cam_classifier)
 from model_training.common.models.weights import (WeightsError, efficientnet_lite_state_dict,
                                                   read_state_dict)
 from model_training.common.transforms import build_transform, image_to_tensor
@@ -314,3 +315,32 @@ def test_recam_classifier_cams_use_both_heads_and_its_checkpoint_keeps_them(tmp_
     # a plain classifier's checkpoint has no trace of it
     plain = build_cam_classifier("vgg16", "none", 16, class_ids=[1, 2])
     assert "recam" not in plain.arch and plain.recam_head is None
+
+
+def test_init_from_starts_at_a_trained_classifier_and_refuses_another_model(tmp_path):
+    """ReCAM's order: a trained classifier, then more epochs with the second head."""
+    trained = build_cam_classifier("vgg16", "none", 16, class_ids=[1, 2])
+    torch.save({"model": trained.state_dict(), **trained.checkpoint_fields()}, tmp_path / "a.pt")
+    fine_tuned = build_cam_classifier("vgg16", "none", 16, class_ids=[1, 2], recam=True)
+    init_from_checkpoint(fine_tuned, tmp_path / "a.pt")
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(fine_tuned.state_dict()[key], value)
+    with pytest.raises(ConfigError, match=r"key 'model.init_from': .* classes \[1, 2\]"):
+        init_from_checkpoint(build_cam_classifier("vgg16", "none", 16, class_ids=[1]),
+                             tmp_path / "a.pt")
+    with pytest.raises(ConfigError, match=r"key 'model.init_from': .*stride 16"):
+        init_from_checkpoint(build_cam_classifier("vgg16", "none", 8, class_ids=[1, 2]),
+                             tmp_path / "a.pt")
+    with pytest.raises(StepError, match="model.init_from"):
+        init_from_checkpoint(trained, tmp_path / "missing.pt")
+
+
+def test_init_from_is_an_input_of_step_1(tmp_path):
+    first = classifier_training.run(toy_config(tmp_path / "a"))
+    assert first["epochs"] == 1
+    cfg = toy_config(tmp_path / "b", "model.recam=true",
+                     f"model.init_from={tmp_path / 'a' / '1_classifier' / 'last.pt'}")
+    assert set(classifier_training.step_inputs(cfg)) == {"init_from"}
+    classifier_training.run(cfg)
+    recipe = json.loads((tmp_path / "b" / "1_classifier" / "provenance.json").read_text())
+    assert recipe["inputs"]["init_from"].startswith("file ")

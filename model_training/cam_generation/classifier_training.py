@@ -25,7 +25,7 @@ from model_training.common.datasets import (ImageLoadError, ImageSource, build_s
                                             labels_to_vector)
 from model_training.common.datasets.voc import read_id_list
 from model_training.common.models import (CamClassifier, build_cam_classifier, check_backbone_keys,
-                                          weights_error_names)
+                                          init_from_checkpoint, weights_error_names)
 from model_training.common.progress import progress
 from model_training.common.provenance import claim_folder
 from model_training.common.step_io import classifier_dir, mark_done, report_failure
@@ -45,6 +45,8 @@ DEFAULTS: dict[str, Any] = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, {
         # ReCAM (Chen et al. CVPR 2022): a second head learns, by softmax cross-entropy, which
         # class the features under each class's CAM show; step 2's CAMs use both heads
         "recam": False,
+        # a step-1 best.pt / last.pt to start from (ReCAM fine-tunes a trained classifier)
+        "init_from": None,
     },
     "data": {
         "train_list": "",  # file of image ids (one a line) replacing the training split's list
@@ -352,8 +354,9 @@ def _check_config(cfg: Config) -> None:
 
 
 def step_inputs(cfg: Config) -> dict:
-    """What this step reads besides the dataset (``provenance``): nothing."""
-    return {}
+    """What this step reads besides the dataset (``provenance``): the checkpoint it starts
+    from, if any."""
+    return {"init_from": Path(cfg.model.init_from)} if cfg.model.init_from else {}
 
 
 def run(cfg: Config) -> dict:
@@ -405,7 +408,10 @@ def run(cfg: Config) -> dict:
     with weights_error_names("model.weights"):
         model = build_cam_classifier(cfg.model.backbone, cfg.model.weights, cfg.model.output_stride,
                                      class_ids, freeze_bn=cfg.model.freeze_bn,
-                                     recam=cfg.model.recam).to(device)
+                                     recam=cfg.model.recam)
+    if cfg.model.init_from:
+        init_from_checkpoint(model, cfg.model.init_from)
+    model = model.to(device)
     pos_weight = (positive_weights(train_set.targets, cfg.loss.max_pos_weight).to(device)
                   if cfg.loss.pos_weight else None)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import read_checkpoint
+from ..config import ConfigError
 from .backbones import build_backbone
 
 
@@ -88,6 +89,24 @@ def build_cam_classifier(backbone: str, weights: str, output_stride: int,
     if recam:  # only then: a plain classifier's arch (and checkpoints) stay as they were
         arch["recam"] = True
     return CamClassifier(module, channels, class_ids, arch=arch, freeze_bn=freeze_bn, recam=recam)
+
+
+def init_from_checkpoint(model: CamClassifier, path: str | os.PathLike) -> None:
+    """Start ``model`` from a trained step-1 checkpoint of the same backbone and classes (as
+    ReCAM fine-tunes a trained classifier); a head the checkpoint lacks (ReCAM's) stays new."""
+    checkpoint = read_checkpoint(path, "key 'model.init_from' must name a step-1 best.pt or last.pt",
+                                 keys=("model", "arch", "class_ids"))
+    arch = checkpoint["arch"]
+    same = {key: arch.get(key) for key in ("backbone", "output_stride")} == {
+        key: model.arch.get(key) for key in ("backbone", "output_stride")}
+    if not same or list(checkpoint["class_ids"]) != model.class_ids:
+        raise ConfigError(f"key 'model.init_from': {path} has backbone {arch.get('backbone')} at "
+                          f"stride {arch.get('output_stride')} for classes {checkpoint['class_ids']}, "
+                          f"this step {model.arch.get('backbone')} at stride "
+                          f"{model.arch.get('output_stride')} for {model.class_ids}")
+    missing, _ = model.load_state_dict(checkpoint["model"], strict=False)
+    if any(not key.startswith("recam_head.") for key in missing):
+        raise ConfigError(f"key 'model.init_from': {path} lacks weights of this model: {missing[0]}")
 
 
 def load_cam_classifier(path: str | os.PathLike, map_location="cpu") -> CamClassifier:
