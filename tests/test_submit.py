@@ -55,7 +55,8 @@ def network(submit):
 @pytest.fixture(scope="module")
 def checkpoint_file(submit, network, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    torch.save(submit.model.make_checkpoint(network, MODEL_CONFIG, CLASS_NAMES, MEAN, STD), path)
+    checkpoint = submit.model.make_checkpoint(network.state_dict(), MODEL_CONFIG, CLASS_NAMES, MEAN, STD)
+    torch.save(checkpoint, path)
     return path
 
 
@@ -218,7 +219,7 @@ def test_checkpoint_round_trip(submit, network, checkpoint_file):
     ],
 )
 def test_bad_checkpoint_metadata_is_a_clear_error(submit, network, tmp_path, change, message):
-    checkpoint = submit.model.make_checkpoint(network, MODEL_CONFIG, CLASS_NAMES, MEAN, STD)
+    checkpoint = submit.model.make_checkpoint(network.state_dict(), MODEL_CONFIG, CLASS_NAMES, MEAN, STD)
     checkpoint["model_config"].update(change)
     path = tmp_path / "bad.pt"
     torch.save(checkpoint, path)
@@ -261,7 +262,8 @@ def headed(submit, tmp_path_factory):
         linear.weight.zero_()
         linear.bias.copy_(torch.tensor([5.0, -5.0, 5.0]))
     path = tmp_path_factory.mktemp("headed") / "model.pt"
-    torch.save(submit.model.make_checkpoint(network, config, CLASS_NAMES, MEAN, STD), path)
+    torch.save(submit.model.make_checkpoint(network.state_dict(), config, CLASS_NAMES, MEAN, STD),
+               path)
     return SimpleNamespace(network=network, path=path)
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from inference.segmentation.submit.generate_predictions import DEFAULTS as SUBMIT_DEFAULTS
 from inference.segmentation.submit.generate_predictions import network_stride, predict_probabilities
 from inference.segmentation.submit.model import (checkpoint_metadata, class_head_params,
-                                                 split_outputs)
+                                                 make_checkpoint, split_outputs)
 from model_training.common import distributed
 from model_training.common.checkpoints import read_checkpoint
 from model_training.common.config import Config, ConfigError, merge_defaults
@@ -48,7 +48,7 @@ from model_training.common.transforms import (IMAGENET_MEAN, IMAGENET_STD, build
 
 STEP = 6
 RERUN_STEP_6 = "re-run step 6 with overwrite=true"
-BEST_KEYS = ("model", "model_config", "epoch")  # what best.pt must hold to be exported
+BEST_KEYS = ("model", "model_config", "class_names", "epoch")  # what best.pt needs for export
 MASK_SOURCES = ("pseudo", "gt")
 # ImageNet heads a backbone state-dict file may carry; smp encoders have none of them.
 HEAD_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.") + LITE_HEAD_PREFIXES
@@ -406,15 +406,15 @@ def predict_training_masks(model: nn.Module, source: ImageSource, out_dir: Path,
 def _fit_round(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path | None,
                train_source: ImageSource, val_source: ImageSource, resume: bool) -> tuple[dict, dict]:
     """Train one network on ``mask_dir`` (None: ground truth) into ``out_dir``; returns the
-    Trainer's result and the checkpoint metadata."""
+    Trainer's result."""
     model_config = model_config_from(cfg.model, train_source.num_classes)
     model = build_model(model_config, cfg.model.encoder_weights).to(device)
     _check_crop(cfg.data.crop_size, network_stride(model))
 
     data = cfg.data
-    transform = build_transform(True, crop_size=data["crop_size"], resize_long=data["input_long_side"],
-                                scale_range=data["scale_range"], hflip=data["hflip"],
-                                color_jitter=data["color_jitter"])
+    transform = build_transform(True, crop_size=data.crop_size, resize_long=data.input_long_side,
+                                scale_range=data.scale_range, hflip=data.hflip,
+                                color_jitter=data.color_jitter)
     dataset = SegmentationDataset(train_source, mask_dir, transform, cfg.on_error)
     loader = build_train_loader(dataset, cfg.train.batch_size, cfg.num_workers,
                                 cfg.seed, pin_memory=device.type == "cuda")
@@ -441,7 +441,7 @@ def _fit_round(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path 
                                  cfg.on_error)
 
         def validate_fn(net: nn.Module) -> dict:
-            return evaluate(net, val_source, val_ids, data["input_long_side"], cfg.on_error)
+            return evaluate(net, val_source, val_ids, data.input_long_side, cfg.on_error)
     else:
         print(f"warning: split '{cfg.dataset.val_split}' has no masks: no validation, "
               f"best.pt is the last epoch", file=sys.stderr)
@@ -457,7 +457,7 @@ def _fit_round(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path 
                       loader, out_dir, cfg.train, device, step_fn=step_fn,
                       validate_fn=validate_fn, best_metric="miou" if validate_fn else None,
                       checkpoint_fields=fields, resume=resume)
-    return trainer.fit(), metadata
+    return trainer.fit()
 
 
 def step_inputs(cfg: Config) -> dict[str, Path]:
@@ -506,12 +506,12 @@ def run(cfg: Config) -> dict:
         seed_everything(cfg.seed + distributed.rank())  # every round starts like the first
 
     resume = cfg.resume and (out_dir / "last.pt").is_file()
-    result, metadata = _fit_round(cfg, device, out_dir, mask_dir, train_source, val_source,
-                                  resume)
+    result = _fit_round(cfg, device, out_dir, mask_dir, train_source, val_source, resume)
     validated = val_source.has_masks
     if distributed.is_main():
         best = read_checkpoint(out_dir / "best.pt", RERUN_STEP_6, keys=BEST_KEYS)
-        checkpoint = {"model": best["model"], **metadata, "epoch": best["epoch"]}
+        checkpoint = {**make_checkpoint(best["model"], best["model_config"], best["class_names"],
+                                        IMAGENET_MEAN, IMAGENET_STD), "epoch": best["epoch"]}
         export_for_submission(out_dir, checkpoint, cfg)
     summary = {"miou": result["best_score"] if validated else None,
                "best_epoch": result["best_epoch"], "epochs": result["epochs"], "rounds": rounds,

@@ -122,10 +122,10 @@ def checkpoint_metadata(model_config: dict[str, Any], class_names: list[str], me
     return {"model_config": model_config, "class_names": list(class_names), "normalize": normalize}
 
 
-def make_checkpoint(model: nn.Module, model_config: dict[str, Any], class_names: list[str],
-                    mean: list[float], std: list[float]) -> dict[str, Any]:
-    """The dict to ``torch.save`` for this folder."""
-    return {"model": model.state_dict(), **checkpoint_metadata(model_config, class_names, mean, std)}
+def make_checkpoint(state_dict: dict[str, torch.Tensor], model_config: dict[str, Any],
+                    class_names: list[str], mean: list[float], std: list[float]) -> dict[str, Any]:
+    """The dict to ``torch.save`` for this folder (step 6 exports its best network so)."""
+    return {"model": state_dict, **checkpoint_metadata(model_config, class_names, mean, std)}
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> LoadedModel:
