@@ -110,6 +110,26 @@ def _without_prediction(ids: list[str], folder: Path, suffix: str, load_gt: Mask
     return len(missing), skipped
 
 
+def _with_ground_truth(folder: Path, suffix: str, ids: Iterable[str] | None, load_gt: MaskLoader,
+                       num_classes: int, allow_missing: bool, counts: dict):
+    """(path, ground truth) of every image of ``ids`` (default: the files present) with a
+    prediction ``<id><suffix>`` and ground truth; fills ``counts`` with the images scored,
+    missing and skipped (see the module docstring)."""
+    ids = sorted(p.stem for p in folder.glob(f"*{suffix}")) if ids is None else list(ids)
+    missing, skipped = _without_prediction(ids, folder, suffix, load_gt, allow_missing)
+    counts.update(images=0, missing=missing, skipped=skipped)
+    for image_id in progress(ids, f"eval {folder.name}", unit="img", leave=False):
+        path = folder / f"{image_id}{suffix}"
+        if not path.is_file():
+            continue  # counted above
+        gt = _ground_truth(load_gt, image_id, num_classes)
+        if gt is None:
+            counts["skipped"] += 1
+            continue
+        yield path, gt
+        counts["images"] += 1
+
+
 def evaluate_label_folder(pred_dir, load_gt: MaskLoader, num_classes: int,
                           ids: Iterable[str] | None = None, unsure_label: int | None = None,
                           class_names: Sequence[str] | None = None,
@@ -118,20 +138,12 @@ def evaluate_label_folder(pred_dir, load_gt: MaskLoader, num_classes: int,
     ``unsure_label`` (255 for IR labels) those pixels are left out and the share of the rest
     is returned as ``coverage`` (percent). Also returns how many images were scored,
     ``missing`` and ``skipped`` (see the module docstring)."""
-    pred_dir = Path(pred_dir)
-    ids = sorted(p.stem for p in pred_dir.glob("*.png")) if ids is None else list(ids)
-    missing, skipped = _without_prediction(ids, pred_dir, ".png", load_gt, allow_missing)
     allowed = (IGNORE_INDEX,) if unsure_label is None else (IGNORE_INDEX, unsure_label)
     matrix = ConfusionMatrix(num_classes)
-    confident = total = scored = 0
-    for image_id in progress(ids, f"eval {pred_dir.name}", unit="img", leave=False):
-        pred_path = pred_dir / f"{image_id}.png"
-        if not pred_path.is_file():
-            continue  # counted above
-        gt = _ground_truth(load_gt, image_id, num_classes)
-        if gt is None:
-            skipped += 1
-            continue
+    confident = total = 0
+    counts: dict = {}
+    for pred_path, gt in _with_ground_truth(Path(pred_dir), ".png", ids, load_gt, num_classes,
+                                            allow_missing, counts):
         pred = _read(str(pred_path), lambda: load_png(pred_path))
         _check_size(str(pred_path), pred.shape, gt)
         _check_classes(pred, num_classes, str(pred_path), allowed)
@@ -141,9 +153,8 @@ def evaluate_label_folder(pred_dir, load_gt: MaskLoader, num_classes: int,
             total += keep.size
             gt = np.where(keep, gt, IGNORE_INDEX)
         matrix.update(pred, gt)
-        scored += 1
     result = matrix.summary(list(class_names) if class_names else None)
-    result.update({"images": scored, "missing": missing, "skipped": skipped})
+    result.update(counts)
     if unsure_label is not None:
         result["coverage"] = round(100.0 * confident / total, 4) if total else None
     return result
@@ -156,19 +167,10 @@ def evaluate_cam_folder(cam_dir, load_gt: MaskLoader, num_classes: int,
                         allow_missing: bool = False) -> dict:
     """Sweep the background threshold over ``high_res`` CAMs of ``ids`` (default: those
     present); report the best (as eval_cam) and the images scored, missing and skipped."""
-    cam_dir = Path(cam_dir)
-    ids = sorted(p.stem for p in cam_dir.glob("*.npz")) if ids is None else list(ids)
-    missing, skipped = _without_prediction(ids, cam_dir, ".npz", load_gt, allow_missing)
     matrices = [ConfusionMatrix(num_classes) for _ in thresholds]
-    scored = 0
-    for image_id in progress(ids, f"eval {cam_dir.name}", unit="img", leave=False):
-        path = cam_dir / f"{image_id}.npz"
-        if not path.is_file():
-            continue  # counted above
-        gt = _ground_truth(load_gt, image_id, num_classes)
-        if gt is None:
-            skipped += 1
-            continue
+    counts: dict = {}
+    for path, gt in _with_ground_truth(Path(cam_dir), ".npz", ids, load_gt, num_classes,
+                                       allow_missing, counts):
         data = _read(str(path), lambda: load_cams(path))
         cams, keys = data["high_res"], data["keys"]
         _check_size(str(path), cams.shape[1:], gt)
@@ -177,13 +179,11 @@ def evaluate_cam_folder(cam_dir, load_gt: MaskLoader, num_classes: int,
         fg_label = keys[cams.argmax(axis=0)] if len(keys) else np.zeros(gt.shape, np.int64)
         for threshold, matrix in zip(thresholds, matrices):
             matrix.update(np.where(fg_max > threshold, fg_label, 0), gt)
-        scored += 1
     sweep = {float(t): m.summary()["miou"] for t, m in zip(thresholds, matrices)}
     best = max(range(len(thresholds)), key=lambda i: -1 if sweep[float(thresholds[i])] is None
                else sweep[float(thresholds[i])])
     result = matrices[best].summary(list(class_names) if class_names else None)
-    result.update({"threshold": float(thresholds[best]), "sweep": sweep, "images": scored,
-                   "missing": missing, "skipped": skipped})
+    result.update({"threshold": float(thresholds[best]), "sweep": sweep, **counts})
     return result
 
 
