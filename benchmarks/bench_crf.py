@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from inference.irn_steps.ir_labels import process_image, run_pool
 from model_training.common import step_io
+from model_training.common.auto_thresholds import IRNET_VALUES
 from model_training.common.crf import IRNET_PARAMS
 
 SIZES = {"240x180": (180, 240, 32), "500x375": (375, 500, 16)}  # h, w, number of images
@@ -66,7 +67,8 @@ def images_per_second(photos, ids, cam_dir, out_dir, num_workers) -> float:
     for png in out_dir.glob("*.png"):
         png.unlink()
     worker = functools.partial(process_image, load_image=photos, cam_dir=cam_dir, out_dir=out_dir,
-                               conf_fg_thres=0.30, conf_bg_thres=0.05, crf_params=IRNET_PARAMS)
+                               conf_fg_thres=IRNET_VALUES["conf_fg_thres"],
+                               conf_bg_thres=IRNET_VALUES["conf_bg_thres"], crf_params=IRNET_PARAMS)
     start = time.perf_counter()
     done, failed = run_pool(ids, worker, num_workers=num_workers, desc=f"{num_workers} workers")
     seconds = time.perf_counter() - start

@@ -19,10 +19,9 @@ from model_training.common.config import ConfigError, resolve_device
 from model_training.common.datasets import build_source
 from model_training.common.models import load_cam_classifier
 from model_training.common.provenance import claim_folder
-from model_training.common.step_io import (STEP_DIRS, classifier_dir, clear_done,
-                                           image_step_summary, image_summary_line, mark_done,
-                                           pending_ids, run_over_images, save_cams, shard_ids,
-                                           step_dir)
+from model_training.common.step_io import (STEP_DIRS, classifier_dir, clear_done, finish_image_step,
+                                           image_summary_line, pending_ids, run_over_images,
+                                           save_cams, shard_ids, step_dir)
 from model_training.common.transforms import image_to_tensor
 
 from .cam import (CAM_STRIDE, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams, multiscale_cams,
@@ -192,10 +191,8 @@ def run(cfg) -> dict:
             background_only.append(image_id)
 
     written, failed = run_over_images(loader, extract, "2 cams", cfg.on_error)
-    summary = image_step_summary(start, written, failed, len(ids) - len(todo),
-                                 background_only=len(background_only))
-    mark_done(out_dir, summary, cfg.shard)
-    return summary
+    return finish_image_step(out_dir, cfg.shard, start, written, failed, len(ids) - len(todo),
+                             background_only=len(background_only))
 
 
 def summary_line(summary: dict) -> str:

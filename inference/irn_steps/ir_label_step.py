@@ -5,14 +5,14 @@ import functools
 import time
 from pathlib import Path
 
-from model_training.common.auto_thresholds import resolve_auto
+from model_training.common.auto_thresholds import IRNET_VALUES, resolve_auto
 from model_training.common.config import AutoFloat
 from model_training.common.crf import IRNET_PARAMS
 from model_training.common.datasets import build_source
 from model_training.common.provenance import claim_folder
-from model_training.common.step_io import (STEP_DIRS, clear_done, ids_with_inputs,
-                                           image_step_summary, image_summary_line, mark_done,
-                                           pending_ids, shard_ids, step_dir)
+from model_training.common.step_io import (STEP_DIRS, clear_done, finish_image_step,
+                                           ids_with_inputs, image_summary_line, pending_ids,
+                                           shard_ids, step_dir)
 
 from .ir_labels import process_image, run_pool
 
@@ -23,8 +23,8 @@ DEFAULTS = {
         "split": "train",
         # CAM scores above which a pixel is confident foreground / still background; auto:
         # from the CAMs' best background threshold (model_training/common/auto_thresholds.py)
-        "conf_fg_thres": AutoFloat(0.30),
-        "conf_bg_thres": AutoFloat(0.05),
+        "conf_fg_thres": AutoFloat(IRNET_VALUES["conf_fg_thres"]),
+        "conf_bg_thres": AutoFloat(IRNET_VALUES["conf_bg_thres"]),
         "iterations": IRNET_PARAMS["t"],
         "gt_prob": IRNET_PARAMS["gt_prob"],
         "gaussian_sxy": IRNET_PARAMS["gaussian"][0],
@@ -69,11 +69,9 @@ def run(cfg) -> dict:
         crf_params=crf_params(cfg.crf))
     done, failed = run_pool(todo, worker, cfg.crf.num_workers, desc="3 ir labels",
                             on_error=cfg.on_error)
-    summary = image_step_summary(start, done, failed, len(with_cams) - len(todo),
-                                 without_cams=len(ids) - len(with_cams),
-                                 **({"auto": derived} if derived else {}))
-    mark_done(out_dir, summary, cfg.shard)
-    return summary
+    return finish_image_step(out_dir, cfg.shard, start, done, failed, len(with_cams) - len(todo),
+                             without_cams=len(ids) - len(with_cams),
+                             **({"auto": derived} if derived else {}))
 
 
 def summary_line(summary: dict) -> str:

@@ -14,16 +14,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model_training.common.auto_thresholds import resolve_auto
+from model_training.common.auto_thresholds import IRNET_VALUES, resolve_auto
 from model_training.common.config import AutoFloat, ConfigError, resolve_device
 from model_training.common.crf import IRNET_PARAMS, crf_inference
 from model_training.common.datasets import build_source
 from model_training.common.models.irnet import load_irnet, predict_boundary
 from model_training.common.provenance import claim_folder
-from model_training.common.step_io import (STEP_DIRS, atomic_write, clear_done, ids_with_inputs,
-                                           image_step_summary, image_summary_line, load_cams,
-                                           mark_done, pending_ids, run_over_images, save_png,
-                                           shard_ids, step_dir)
+from model_training.common.step_io import (STEP_DIRS, atomic_write, clear_done, finish_image_step,
+                                           ids_with_inputs, image_summary_line, load_cams,
+                                           pending_ids, run_over_images, save_png, shard_ids,
+                                           step_dir)
 from model_training.common.transforms import image_to_tensor
 
 from .random_walk import background_seed, pseudo_mask_from_rw, random_walk
@@ -42,7 +42,7 @@ DEFAULTS = {
         # is walked with the classes, each map divided by its own max, argmax.
         # auto: both from the CAMs' best background threshold (auto_thresholds.py)
         "background": "threshold",
-        "bg_thres": AutoFloat(0.25),  # sem_seg_bg_thres
+        "bg_thres": AutoFloat(IRNET_VALUES["bg_thres"]),  # sem_seg_bg_thres
         "bg_power": AutoFloat(1.0),
         "flip": True,  # boundary-map test-time flip
         "input_long_side": None,  # upscale small images before IRNet (finer boundaries)
@@ -142,11 +142,9 @@ def run(cfg) -> dict:
 
     with torch.no_grad():
         written, failed = run_over_images(todo, make, "5 pseudo masks", cfg.on_error)
-    summary = image_step_summary(start, written, failed, len(with_cams) - len(todo),
-                                 without_cams=len(ids) - len(with_cams),
-                                 **({"auto": derived} if derived else {}))
-    mark_done(out_dir, summary, cfg.shard)
-    return summary
+    return finish_image_step(out_dir, cfg.shard, start, written, failed, len(with_cams) - len(todo),
+                             without_cams=len(ids) - len(with_cams),
+                             **({"auto": derived} if derived else {}))
 
 
 def summary_line(summary: dict) -> str:

@@ -97,4 +97,5 @@ def run(cfg) -> dict:
 
 
 def summary_line(summary: dict) -> str:
-    return f"7_predictions: {summary['written']} masks of split {summary['split']} ({summary['seconds']} s)"
+    return (f"{STEP_DIRS[7]}: {summary['written']} masks of split {summary['split']} "
+            f"({summary['seconds']} s)")

@@ -449,5 +449,6 @@ def run(cfg: Config) -> dict:
 
 
 def summary_line(summary: dict) -> str:
-    return (f"{Path(summary['out_dir']).name}: best val mAP {summary['best_score']:.4f} at epoch "
-            f"{summary['best_epoch']} of {summary['epochs']} ({summary['seconds']} s) -> {summary['out_dir']}")
+    return (f"{Path(summary['out_dir']).name}: best val mAP {summary['best_score']:.4f} at "
+            f"epoch {summary['best_epoch']} of {summary['epochs']} ({summary['seconds']} s) -> "
+            f"{summary['out_dir']}")

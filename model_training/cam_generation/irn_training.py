@@ -131,4 +131,4 @@ def run(cfg) -> dict:
 
 
 def summary_line(summary: dict) -> str:
-    return f"4_irn: {summary['images']} images, {summary['seconds']} s"
+    return f"{STEP_DIRS[4]}: {summary['images']} images, {summary['seconds']} s"

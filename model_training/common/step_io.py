@@ -18,9 +18,9 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from inference.segmentation.submit.generate_predictions import TEMP_PREFIX, atomic_write
-from model_training.common.config import Config, ConfigError, StepError, parse_shard
-from model_training.common.distributed import rank, world_size
+from inference.segmentation.submit.generate_predictions import (TEMP_PREFIX, atomic_write,
+                                                                process_shard)
+from model_training.common.config import Config, ConfigError, StepError
 from model_training.common.progress import progress
 
 STEP_DIRS = {
@@ -111,11 +111,11 @@ def ids_with_inputs(ids: Iterable[str], folder: Path, suffix: str, producer: int
 
 
 def resolve_shard(shard: str | None) -> tuple[int, int]:
-    """(index, count) of this process's share of a step: the config's ``shard`` "i/n", split
-    again among torchrun's ranks (rank r of w takes shard i + n*r of n*w), so launching
-    ``--shard i/n`` under torchrun on each of several machines still covers every image once."""
-    index, count = parse_shard(shard)
-    return index + count * rank(), count * world_size()
+    """(index, count) of this process's share of a step: the config's ``shard`` "i/n" (empty:
+    all), split again among torchrun's ranks as the submission script splits its --shard
+    (rank r of w takes shard i + n*r of n*w), so launching ``--shard i/n`` under torchrun on
+    each of several machines still covers every image once."""
+    return process_shard(shard or "0/1")
 
 
 def shard_ids(ids: Iterable[str], shard: str | None) -> list[str]:
@@ -177,11 +177,13 @@ def run_over_images(items: Iterable, fn: Callable[..., object], desc: str,
 DONE_FILE = "done.json"
 
 
-def image_step_summary(started: float, written: int, failed: list[str], skipped: int,
-                       **extra) -> dict:
-    """What an image step (2, 3, 5) reports and records in its done marker."""
-    return {"written": written, "failed": failed, "skipped_existing": skipped, **extra,
-            "seconds": round(time.time() - started, 2)}
+def finish_image_step(folder, shard: str, started: float, written: int, failed: list[str],
+                      skipped: int, **extra) -> dict:
+    """Record what an image step (2, 3, 5) did in its done marker; returns that summary."""
+    summary = {"written": written, "failed": failed, "skipped_existing": skipped, **extra,
+               "seconds": round(time.time() - started, 2)}
+    mark_done(folder, summary, shard)
+    return summary
 
 
 def image_summary_line(folder: str, summary: dict) -> str:

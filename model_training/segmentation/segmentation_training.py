@@ -525,5 +525,6 @@ def run(cfg: Config) -> dict:
 
 def summary_line(summary: dict) -> str:
     miou = "n/a (no val masks)" if summary["miou"] is None else f"{summary['miou']:.2f}"
-    return (f"6_segmentation: val mIoU {miou} (best epoch {summary['best_epoch']}/{summary['epochs']}, "
-            f"split {summary['split']}, {summary['seconds']:.0f}s); exported {summary['model']}")
+    return (f"{STEP_DIRS[6]}: val mIoU {miou} (best epoch {summary['best_epoch']}/"
+            f"{summary['epochs']}, split {summary['split']}, {summary['seconds']:.0f}s); "
+            f"exported {summary['model']}")
