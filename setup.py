@@ -18,7 +18,7 @@ setup(
     long_description=(here / "README.md").read_text() if (here / "README.md").is_file() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # the submission folder has no __init__.py (it is copied alone); step 6 imports its model.py
+    # the submission folder has no __init__.py (it is copied alone); step 6 imports its script
     packages=find_packages(include=["model_training*", "inference*"]) + ["inference.segmentation.submit"],
     install_requires=read_requirements("requirements.txt"),
     extras_require={"test": read_requirements("requirements-test.txt")},

@@ -105,8 +105,8 @@ def test_imports_only_go_down_the_dag():
     ("model_training.common.step_io", "inference.irn_steps.cam_step", False),
     ("inference.irn_steps.pseudo_mask_step", "model_training.cam_generation.irn_training", False),
     ("inference.irn_steps.pseudo_mask_step", "model_training.common.models.irnet", True),
-    ("model_training.segmentation.segmentation_training", "inference.segmentation.submit.model", True),
-    ("inference.segmentation.submit.model", "model_training.common.config", False),
+    ("model_training.segmentation.segmentation_training", "inference.segmentation.submit.generate_predictions", True),
+    ("inference.segmentation.submit.generate_predictions", "model_training.common.config", False),
 ])
 def test_the_rule_itself(source, target, expected):
     """The check would catch a core module importing a step, or one step another."""

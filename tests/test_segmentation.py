@@ -15,7 +15,7 @@ from PIL import Image
 from torch import nn
 
 from inference.segmentation.submit import generate_predictions as step7
-from inference.segmentation.submit import model as submit_model
+from inference.segmentation.submit import generate_predictions as submit_model
 from model_training.common.config import Config, ConfigError, load_config
 from model_training.common.datasets import build_source
 from model_training.common.step_io import load_png, save_png

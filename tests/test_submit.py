@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import re
 import shutil
@@ -18,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from inference.segmentation.submit import generate_predictions as gp
+
 SUBMIT_DIR = Path(__file__).resolve().parents[1] / "inference" / "segmentation" / "submit"
 MODEL_CONFIG = {
     "arch": "DeepLabV3Plus",
@@ -32,30 +33,15 @@ IMAGE_SIZES = {"odd": (37, 53), "wide": (48, 80), "tall": (70, 41)}
 
 
 @pytest.fixture(scope="module")
-def submit():
-    """The submission folder's modules, imported the way the script imports them."""
-    sys.path.insert(0, str(SUBMIT_DIR))
-    try:
-        model = importlib.import_module("model")
-        generate_predictions = importlib.import_module("generate_predictions")
-    finally:
-        sys.path.remove(str(SUBMIT_DIR))
-    assert Path(model.__file__).parent == SUBMIT_DIR
-    yield SimpleNamespace(model=model, gp=generate_predictions)
-    sys.modules.pop("model", None)
-    sys.modules.pop("generate_predictions", None)
-
-
-@pytest.fixture(scope="module")
-def network(submit):
+def network():
     torch.manual_seed(0)
-    return submit.model.build_model(MODEL_CONFIG).eval()
+    return gp.build_model(MODEL_CONFIG).eval()
 
 
 @pytest.fixture(scope="module")
-def checkpoint_file(submit, network, tmp_path_factory) -> Path:
+def checkpoint_file(network, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"
-    checkpoint = submit.model.make_checkpoint(network.state_dict(), MODEL_CONFIG, CLASS_NAMES, MEAN, STD)
+    checkpoint = gp.make_checkpoint(network.state_dict(), MODEL_CONFIG, CLASS_NAMES, MEAN, STD)
     torch.save(checkpoint, path)
     return path
 
@@ -98,7 +84,7 @@ def run_isolated(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-def test_copied_folder_predicts_alone(submit, checkpoint_file, tmp_path):
+def test_copied_folder_predicts_alone(checkpoint_file, tmp_path):
     folder = tmp_path / "submit"
     shutil.copytree(SUBMIT_DIR, folder, ignore=shutil.ignore_patterns("__pycache__", "*.pt"))
     shutil.copy(checkpoint_file, folder / "model.pt")
@@ -116,8 +102,8 @@ def test_copied_folder_predicts_alone(submit, checkpoint_file, tmp_path):
 
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{name}.png" for name in sizes)
-    network = submit.model.load_checkpoint(checkpoint_file).model
-    shipped_cfg = submit.gp.load_config(SUBMIT_DIR / "config.yaml")
+    network = gp.load_checkpoint(checkpoint_file).model
+    shipped_cfg = gp.load_config(SUBMIT_DIR / "config.yaml")
     masks = {}
     for name, (height, width) in sizes.items():
         with Image.open(out / f"{name}.png") as png:
@@ -127,17 +113,17 @@ def test_copied_folder_predicts_alone(submit, checkpoint_file, tmp_path):
         assert masks[name].max() < len(CLASS_NAMES)
     # Same prediction as the in-process TTA with the shipped config (thread counts may
     # reorder float sums, so allow a near-tie pixel or two).
-    image = submit.gp.image_to_tensor(submit.gp.read_image(tmp_path / "images" / "odd.jpg"), MEAN, STD, "cpu")
-    expected = submit.gp.predict_mask(network, image, shipped_cfg, amp=False)
+    image = gp.image_to_tensor(gp.read_image(tmp_path / "images" / "odd.jpg"), MEAN, STD, "cpu")
+    expected = gp.predict_mask(network, image, shipped_cfg, amp=False)
     assert (masks["odd"] == expected).mean() > 0.99
 
     # A re-run (in-process: isolation is shown above) rewrites nothing.
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    assert submit.gp.main([str(out), str(tmp_path / "images"), "--weights", str(checkpoint_file)]) == 0
+    assert gp.main([str(out), str(tmp_path / "images"), "--weights", str(checkpoint_file)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
 
 
-def test_missing_inputs_fail_with_one_line(submit, checkpoint_file, tmp_path, capsys):
+def test_missing_inputs_fail_with_one_line(checkpoint_file, tmp_path, capsys):
     write_images(tmp_path / "images")
     cases = {
         "data folder not found": ["out", str(tmp_path / "nowhere"), "--weights", str(checkpoint_file)],
@@ -145,12 +131,12 @@ def test_missing_inputs_fail_with_one_line(submit, checkpoint_file, tmp_path, ca
         "no images": ["out", str(tmp_path), "--weights", str(checkpoint_file)],
     }
     for message, argv in cases.items():
-        assert submit.gp.main(argv) == 1
+        assert gp.main(argv) == 1
         stderr = capsys.readouterr().err.strip().splitlines()
         assert len(stderr) == 1 and stderr[0].startswith("error: ") and message in stderr[0]
 
 
-def test_voc_folder_with_id_list_and_shard(submit, checkpoint_file, tmp_path, capsys):
+def test_voc_folder_with_id_list_and_shard(checkpoint_file, tmp_path, capsys):
     """JPEGImages/ + an id list relative to DATA_DIR; shard 1/2 takes every other listed id.
     In a log (stderr not a terminal) no bar: just the line before and the line after."""
     dataset = tmp_path / "voc"
@@ -161,23 +147,23 @@ def test_voc_folder_with_id_list_and_shard(submit, checkpoint_file, tmp_path, ca
     config.write_text("scales: [1.0]\nflip: false\n")
     argv = [str(tmp_path / "out"), str(dataset), "--weights", str(checkpoint_file),
             "--config", str(config), "--ids", "ImageSets/test.txt", "--shard", "1/2"]
-    assert submit.gp.main(argv) == 0
+    assert gp.main(argv) == 0
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["tall.png"]
     err = capsys.readouterr().err
     assert "\r" not in err and len(err.splitlines()) == 2
     assert err.splitlines()[-1] == f"wrote 1 masks to {tmp_path / 'out'}; 0 image(s) failed"
 
 
-def test_config_rejects_unknown_key(submit, tmp_path):
+def test_config_rejects_unknown_key(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text("scales: [1.0]\nflip_horizontal: true\n")
-    with pytest.raises(submit.gp.UsageError, match="flip_horizontal"):
-        submit.gp.load_config(config)
+    with pytest.raises(gp.UsageError, match="flip_horizontal"):
+        gp.load_config(config)
 
 
-def test_single_view_equals_plain_forward(submit, network):
+def test_single_view_equals_plain_forward(network):
     image = torch.randn(1, 3, 64, 96)
-    probabilities = submit.gp.predict_probabilities(network, image, [1.0], flip=False, input_long_side=48)
+    probabilities = gp.predict_probabilities(network, image, [1.0], flip=False, input_long_side=48)
 
     with torch.no_grad():
         resized = F.interpolate(image, size=(32, 48), mode="bilinear", align_corners=False, antialias=True)
@@ -187,22 +173,22 @@ def test_single_view_equals_plain_forward(submit, network):
     assert torch.equal(probabilities.argmax(0), expected.argmax(0))
 
 
-def test_flip_tta_is_mirror_symmetric(submit, network):
+def test_flip_tta_is_mirror_symmetric(network):
     image = torch.randn(1, 3, 48, 64)  # width a multiple of the stride: padding is symmetric too
-    forward = submit.gp.predict_probabilities(network, image, [1.0], flip=True)
-    mirrored = submit.gp.predict_probabilities(network, image.flip(-1), [1.0], flip=True)
+    forward = gp.predict_probabilities(network, image, [1.0], flip=True)
+    mirrored = gp.predict_probabilities(network, image.flip(-1), [1.0], flip=True)
     torch.testing.assert_close(forward, mirrored.flip(-1), rtol=1e-4, atol=1e-5)
 
 
-def test_any_size_gives_a_distribution_at_that_size(submit, network):
+def test_any_size_gives_a_distribution_at_that_size(network):
     image = torch.randn(1, 3, 37, 53)
-    probabilities = submit.gp.predict_probabilities(network, image, [0.75, 1.25], flip=True)
+    probabilities = gp.predict_probabilities(network, image, [0.75, 1.25], flip=True)
     assert probabilities.shape == (len(CLASS_NAMES), 37, 53)
     torch.testing.assert_close(probabilities.sum(0), torch.ones(37, 53))
 
 
-def test_checkpoint_round_trip(submit, network, checkpoint_file):
-    loaded = submit.model.load_checkpoint(checkpoint_file)
+def test_checkpoint_round_trip(network, checkpoint_file):
+    loaded = gp.load_checkpoint(checkpoint_file)
     assert loaded.class_names == CLASS_NAMES and list(loaded.mean) == MEAN and list(loaded.std) == STD
     image = torch.randn(1, 3, 32, 48)
     with torch.no_grad():
@@ -218,74 +204,74 @@ def test_checkpoint_round_trip(submit, network, checkpoint_file):
         ({"encoder_name": "no_such_encoder"}, "no_such_encoder"),
     ],
 )
-def test_bad_checkpoint_metadata_is_a_clear_error(submit, network, tmp_path, change, message):
-    checkpoint = submit.model.make_checkpoint(network.state_dict(), MODEL_CONFIG, CLASS_NAMES, MEAN, STD)
+def test_bad_checkpoint_metadata_is_a_clear_error(network, tmp_path, change, message):
+    checkpoint = gp.make_checkpoint(network.state_dict(), MODEL_CONFIG, CLASS_NAMES, MEAN, STD)
     checkpoint["model_config"].update(change)
     path = tmp_path / "bad.pt"
     torch.save(checkpoint, path)
-    with pytest.raises(submit.model.CheckpointError, match=message):
-        submit.model.load_checkpoint(path)
+    with pytest.raises(gp.CheckpointError, match=message):
+        gp.load_checkpoint(path)
 
 
-def test_key_value_overrides_win_over_the_config_and_are_checked(submit, tmp_path):
-    args = submit.gp.parse_args(["out", "data", "scales=[1.0, 1.5]", "flip=false",
+def test_key_value_overrides_win_over_the_config_and_are_checked(tmp_path):
+    args = gp.parse_args(["out", "data", "scales=[1.0, 1.5]", "flip=false",
                                  "input_long_side=64", "weights=w.pt"])
-    cfg, weights = submit.gp.read_settings(args)
+    cfg, weights = gp.read_settings(args)
     assert cfg["scales"] == [1.0, 1.5] and cfg["flip"] is False and cfg["input_long_side"] == 64
     assert weights == Path("w.pt")  # relative to the current folder, as typed
     for bad, message in (("flip=maybe", "flip must be true or false"),
                          ("scale=[1.0]", "override 'scale=[1.0]'"),
                          ("input_long_side=-3", "input_long_side must be")):
-        with pytest.raises(submit.gp.UsageError, match=re.escape(message)):
-            submit.gp.read_settings(submit.gp.parse_args(["out", "data", bad]))
+        with pytest.raises(gp.UsageError, match=re.escape(message)):
+            gp.read_settings(gp.parse_args(["out", "data", bad]))
 
 
-def test_gate_zeroes_rejected_classes_and_renormalises(submit):
+def test_gate_zeroes_rejected_classes_and_renormalises():
     probabilities = torch.tensor([[0.1, 0.5], [0.6, 0.2], [0.3, 0.3]]).view(3, 1, 2)
-    gated = submit.gp.gate_classes(probabilities, torch.tensor([0.9, 0.2]), threshold=0.5)
+    gated = gp.gate_classes(probabilities, torch.tensor([0.9, 0.2]), threshold=0.5)
     torch.testing.assert_close(gated.view(3, 2), torch.tensor([[0.1 / 0.7, 0.5 / 0.7],
                                                                 [0.6 / 0.7, 0.2 / 0.7],
                                                                 [0.0, 0.0]]))
     # background has no head output and is never gated: a pixel always has a class
-    nothing = submit.gp.gate_classes(probabilities, torch.tensor([0.0, 0.0]), threshold=0.5)
+    nothing = gp.gate_classes(probabilities, torch.tensor([0.0, 0.0]), threshold=0.5)
     assert torch.equal(nothing.argmax(0), torch.zeros(1, 2, dtype=torch.long))
 
 
 @pytest.fixture(scope="module")
-def headed(submit, tmp_path_factory):
+def headed(tmp_path_factory):
     """A network with a class head whose bias rejects class 2 ("square") on any image."""
     torch.manual_seed(0)
     config = {**MODEL_CONFIG, "class_head": True}
-    network = submit.model.build_model(config).eval()
+    network = gp.build_model(config).eval()
     linear = next(m for m in network.classification_head if isinstance(m, torch.nn.Linear))
     with torch.no_grad():
         linear.weight.zero_()
         linear.bias.copy_(torch.tensor([5.0, -5.0, 5.0]))
     path = tmp_path_factory.mktemp("headed") / "model.pt"
-    torch.save(submit.model.make_checkpoint(network.state_dict(), config, CLASS_NAMES, MEAN, STD),
+    torch.save(gp.make_checkpoint(network.state_dict(), config, CLASS_NAMES, MEAN, STD),
                path)
     return SimpleNamespace(network=network, path=path)
 
 
-def test_class_head_checkpoint_round_trips_and_gates(submit, headed):
-    loaded = submit.model.load_checkpoint(headed.path)
+def test_class_head_checkpoint_round_trips_and_gates(headed):
+    loaded = gp.load_checkpoint(headed.path)
     assert loaded.model_config["class_head"] is True
     image = torch.randn(1, 3, 40, 56)
-    plain = submit.gp.predict_probabilities(loaded.model, image, [1.0, 0.75], flip=True)
-    torch.testing.assert_close(plain, submit.gp.predict_probabilities(headed.network, image, [1.0, 0.75], flip=True))
-    gated = submit.gp.predict_probabilities(loaded.model, image, [1.0, 0.75], flip=True, class_gate=0.5)
+    plain = gp.predict_probabilities(loaded.model, image, [1.0, 0.75], flip=True)
+    torch.testing.assert_close(plain, gp.predict_probabilities(headed.network, image, [1.0, 0.75], flip=True))
+    gated = gp.predict_probabilities(loaded.model, image, [1.0, 0.75], flip=True, class_gate=0.5)
     assert gated[2].abs().max() == 0 and plain[2].min() > 0
     torch.testing.assert_close(gated.sum(0), torch.ones(40, 56))
     kept = plain[[0, 1, 3]] / plain[[0, 1, 3]].sum(0, keepdim=True)
     torch.testing.assert_close(gated[[0, 1, 3]], kept)
 
 
-def test_class_gate_without_a_class_head_is_one_line(submit, checkpoint_file, tmp_path, capsys):
+def test_class_gate_without_a_class_head_is_one_line(checkpoint_file, tmp_path, capsys):
     write_images(tmp_path / "images")
     # key=value after the options, as README's example puts them
-    code = submit.gp.main([str(tmp_path / "out"), str(tmp_path / "images"), "--weights",
+    code = gp.main([str(tmp_path / "out"), str(tmp_path / "images"), "--weights",
                            str(checkpoint_file), "--device", "cpu", "class_gate=0.5"])
     assert code == 1 and not (tmp_path / "out").exists()
     assert capsys.readouterr().err.strip().endswith("has no class head (train it with step 6 model.class_head: true)")
-    with pytest.raises(submit.gp.UsageError, match="class_gate must be null or a number in"):
-        submit.gp.apply_overrides(dict(submit.gp.DEFAULTS), ["class_gate=1.5"])
+    with pytest.raises(gp.UsageError, match="class_gate must be null or a number in"):
+        gp.apply_overrides(dict(gp.DEFAULTS), ["class_gate=1.5"])

@@ -24,9 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from inference.segmentation.submit.generate_predictions import DEFAULTS as SUBMIT_DEFAULTS
-from inference.segmentation.submit.generate_predictions import network_stride, predict_probabilities
-from inference.segmentation.submit.model import (checkpoint_metadata, class_head_params,
-                                                 make_checkpoint, split_outputs)
+from inference.segmentation.submit.generate_predictions import (checkpoint_metadata,
+                                                                class_head_params, make_checkpoint,
+                                                                network_stride,
+                                                                predict_probabilities,
+                                                                split_outputs)
 from model_training.common import distributed
 from model_training.common.checkpoints import read_checkpoint
 from model_training.common.config import Config, ConfigError, merge_defaults
