@@ -3,7 +3,7 @@
     python run_pipeline.py configs/toy [key=value ...] [--gt-bound]
 
 Each step runs through the same function its own script calls, with the config file
-``configs/<dataset>/<n>_*.yaml``. A step whose folder says it finished, by the same settings
+``configs/<dataset>/<n>_<step>.yaml``. A step whose folder says it finished, by the same settings
 and from the same inputs, is skipped, so a second run only re-scores. A finished or partial
 step whose settings or inputs changed stops the run with one line naming what differs;
 ``overwrite=true`` redoes those steps and, since their outputs change, the ones after them.
@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from inference.irn_steps import cam_step, ir_label_step, pseudo_mask_step
+from inference.irn_steps import cams_step, ir_labels_step, pseudo_masks_step
 from inference.scoring.examples import write_examples
 from inference.scoring.report import (GT_BOUND_DIR, build_report, format_report, score_stages,
                                       write_report)
-from inference.segmentation import predict_step
+from inference.segmentation import predictions_step
 from model_training.cam_generation import classifier_training, irn_training
 from model_training.common.config import (COMMON_DEFAULTS, ConfigError, StepError, load_config,
                                           merge_defaults, parse_override)
@@ -34,16 +34,10 @@ from model_training.common.step_cli import exit_on_config_error
 from model_training.common.step_io import STEP_DIRS, read_done
 from model_training.segmentation import segmentation_training
 
-# (step, config file, step module: DEFAULTS, step_inputs, run, summary_line)
-STEPS = [
-    (1, "1_classifier.yaml", classifier_training),
-    (2, "2_cam.yaml", cam_step),
-    (3, "3_crf.yaml", ir_label_step),
-    (4, "4_irn.yaml", irn_training),
-    (5, "5_irn_inference.yaml", pseudo_mask_step),
-    (6, "6_segmentation.yaml", segmentation_training),
-    (7, "7_submit.yaml", predict_step),
-]
+# The step modules in running order: step n's config is ``<STEP_DIRS[n]>.yaml``, its outputs
+# go to ``<work_dir>/<STEP_DIRS[n]>/``.
+STEPS = [classifier_training, cams_step, ir_labels_step, irn_training, pseudo_masks_step,
+         segmentation_training, predictions_step]
 
 
 def _has_key(defaults: dict, dotted: str) -> bool:
@@ -58,9 +52,9 @@ def _has_key(defaults: dict, dotted: str) -> bool:
 def step_files(config_dir: Path) -> list[tuple[str, str, ModuleType]]:
     """(step folder, config file, step module) in running order: the seven steps, and after step 1
     every extra classifier the folder holds (``1_classifier_<variant>.yaml``, e.g. the binary
-    person model of "no people allowed", which step 2 merges through ``cam.extra_classifiers``)."""
-    files = [(STEP_DIRS[step], file_name, module) for step, file_name, module in STEPS]
-    extras = [(path.stem, path.name, STEPS[0][2])
+    person model of "no people allowed", which step 2 merges through ``cams.extra_classifiers``)."""
+    files = [(STEP_DIRS[n], f"{STEP_DIRS[n]}.yaml", step) for n, step in enumerate(STEPS, 1)]
+    extras = [(path.stem, path.name, STEPS[0])
               for path in sorted(config_dir.glob(f"{STEP_DIRS[1]}_*.yaml"))]
     return files[:1] + extras + files[1:]
 
@@ -139,10 +133,10 @@ def main(argv=None) -> dict:
     step_configs = exit_on_config_error(load_step_configs, args.config_dir, args.overrides)
     seconds = exit_on_config_error(run_steps, step_configs)
     cfg = step_configs[-1][2]
-    cam_split = next(c for name, _, c in step_configs if name == STEP_DIRS[2]).cam.split
+    cam_split = next(c for name, _, c in step_configs if name == STEP_DIRS[2]).cams.split
     if args.gt_bound:
         seconds[GT_BOUND_DIR] = run_gt_bound(args.config_dir, args.overrides, cfg.work_dir)
-    stages = exit_on_config_error(score_stages, cfg, cam_split, predict_step.predicted_split(cfg))
+    stages = exit_on_config_error(score_stages, cfg, cam_split, predictions_step.predicted_split(cfg))
     report = build_report(cfg, stages, seconds)
     write_report(report, cfg.work_dir)
     print(format_report(report))

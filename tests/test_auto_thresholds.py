@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from inference.irn_steps import ir_label_step
+from inference.irn_steps import ir_labels_step
 from model_training.common import auto_thresholds
 from model_training.common.auto_thresholds import from_cam_threshold, resolve_auto
 from model_training.common.config import ConfigError, load_config
@@ -14,7 +14,7 @@ from model_training.common.step_io import read_done, save_cams, step_dir
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "toy"
 TINY_TOY = ["device=cpu", "num_workers=0", "dataset.toy.num_train=4", "dataset.toy.num_val=2",
-            "dataset.toy.num_test=1", "dataset.toy.image_size=[40,56]", "crf.num_workers=1"]
+            "dataset.toy.num_test=1", "dataset.toy.image_size=[40,56]", "ir_labels.num_workers=1"]
 
 
 def test_voc_threshold_gives_irnets_constants():
@@ -38,12 +38,12 @@ def test_threshold_outside_zero_one_is_refused():
 
 
 def test_auto_is_a_value_only_where_the_key_allows_it():
-    cfg = load_config(CONFIGS / "3_crf.yaml", ["crf.conf_fg_thres=auto"], ir_label_step.DEFAULTS)
-    assert cfg.crf.conf_fg_thres == "auto"
-    with pytest.raises(ConfigError, match="crf.iterations"):
-        load_config(CONFIGS / "3_crf.yaml", ["crf.iterations=auto"], ir_label_step.DEFAULTS)
+    cfg = load_config(CONFIGS / "3_ir_labels.yaml", ["ir_labels.conf_fg_thres=auto"], ir_labels_step.DEFAULTS)
+    assert cfg.ir_labels.conf_fg_thres == "auto"
+    with pytest.raises(ConfigError, match="ir_labels.iterations"):
+        load_config(CONFIGS / "3_ir_labels.yaml", ["ir_labels.iterations=auto"], ir_labels_step.DEFAULTS)
     with pytest.raises(ConfigError, match="number or auto"):
-        load_config(CONFIGS / "3_crf.yaml", ["crf.conf_bg_thres=autox"], ir_label_step.DEFAULTS)
+        load_config(CONFIGS / "3_ir_labels.yaml", ["ir_labels.conf_bg_thres=autox"], ir_labels_step.DEFAULTS)
 
 
 def _cams_scoring_best_at(work_dir, source, inside: float, outside: float) -> None:
@@ -58,17 +58,17 @@ def _cams_scoring_best_at(work_dir, source, inside: float, outside: float) -> No
 
 
 def test_step3_derives_its_thresholds_from_the_cams_and_records_them(tmp_path):
-    cfg = load_config(CONFIGS / "3_crf.yaml", [f"work_dir={tmp_path}", *TINY_TOY,
-                                               "crf.conf_fg_thres=auto", "crf.conf_bg_thres=auto"],
-                      ir_label_step.DEFAULTS)
+    cfg = load_config(CONFIGS / "3_ir_labels.yaml", [f"work_dir={tmp_path}", *TINY_TOY,
+                                               "ir_labels.conf_fg_thres=auto", "ir_labels.conf_bg_thres=auto"],
+                      ir_labels_step.DEFAULTS)
     _cams_scoring_best_at(tmp_path, ToySource("train", 4, (40, 56), seed=0), 0.9, 0.5)
-    ir_label_step.run(cfg)
+    ir_labels_step.run(cfg)
     derived = read_done(step_dir(tmp_path, 3))["auto"]
     assert derived["cam_threshold"] == 0.5 and derived["images"] == 4
-    assert derived["crf.conf_fg_thres"] == from_cam_threshold("conf_fg_thres", 0.5)
-    assert derived["crf.conf_bg_thres"] == from_cam_threshold("conf_bg_thres", 0.5)
+    assert derived["ir_labels.conf_fg_thres"] == from_cam_threshold("conf_fg_thres", 0.5)
+    assert derived["ir_labels.conf_bg_thres"] == from_cam_threshold("conf_bg_thres", 0.5)
     saved = (step_dir(tmp_path, 3) / "config.yaml").read_text()
-    assert f"conf_fg_thres: {derived['crf.conf_fg_thres']}" in saved  # the value used, not "auto"
+    assert f"conf_fg_thres: {derived['ir_labels.conf_fg_thres']}" in saved  # the value used, not "auto"
 
 
 def test_without_masks_auto_falls_back_to_irnets_constants(tmp_path, monkeypatch):
@@ -76,10 +76,10 @@ def test_without_masks_auto_falls_back_to_irnets_constants(tmp_path, monkeypatch
         has_masks = False
 
     monkeypatch.setattr(auto_thresholds, "build_source", lambda *_: NoMasks())
-    cfg = load_config(CONFIGS / "3_crf.yaml", [f"work_dir={tmp_path}", *TINY_TOY,
-                                               "crf.conf_fg_thres=auto"], ir_label_step.DEFAULTS)
-    derived = resolve_auto(cfg, "crf", ("conf_fg_thres", "conf_bg_thres"), "train")
+    cfg = load_config(CONFIGS / "3_ir_labels.yaml", [f"work_dir={tmp_path}", *TINY_TOY,
+                                               "ir_labels.conf_fg_thres=auto"], ir_labels_step.DEFAULTS)
+    derived = resolve_auto(cfg, "ir_labels", ("conf_fg_thres", "conf_bg_thres"), "train")
     assert derived["images"] == 0
-    assert cfg.crf.conf_fg_thres == pytest.approx(0.30, abs=1e-4)
-    assert cfg.crf.conf_bg_thres == 0.25  # not auto in the toy config: left as set
-    assert "crf.conf_bg_thres" not in derived and derived["cam_threshold"] == 0.15
+    assert cfg.ir_labels.conf_fg_thres == pytest.approx(0.30, abs=1e-4)
+    assert cfg.ir_labels.conf_bg_thres == 0.25  # not auto in the toy config: left as set
+    assert "ir_labels.conf_bg_thres" not in derived and derived["cam_threshold"] == 0.15

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.irn_steps import cam_step, ir_label_step, pseudo_mask_step
+from inference.irn_steps import cams_step, ir_labels_step, pseudo_masks_step
 from model_training.common.config import ConfigError, load_config
 from model_training.common.datasets.toy import ToySource
 from model_training.common.models.classifier import build_cam_classifier
@@ -48,17 +48,17 @@ def test_an_image_without_labels_becomes_background(work_dir, monkeypatch):
     assert source.labels(labelled)  # the others keep theirs
 
     # input_long_side resizes the maps back to the image: the step that used to fail on K=0
-    summary = cam_step.run(_config("2_cam.yaml", cam_step, work_dir, "cam.input_long_side=64",
-                                   "cam.scales=[1.0]", "cam.labels=gt"))
+    summary = cams_step.run(_config("2_cams.yaml", cams_step, work_dir, "cams.input_long_side=64",
+                                   "cams.scales=[1.0]", "cams.labels=gt"))
     assert summary["written"] == 3 and not summary["failed"] and summary["background_only"] == 1
     cams = load_cams(work_dir / "2_cams" / f"{empty}.npz")
     assert cams["keys"].shape == (0,)
     assert cams["cam"].shape == (0, 10, 14) and cams["high_res"].shape == (0, 40, 56)
     assert len(load_cams(work_dir / "2_cams" / f"{labelled}.npz")["keys"]) > 0
 
-    ir_label_step.run(_config("3_crf.yaml", ir_label_step, work_dir, "crf.num_workers=1"))
-    pseudo_mask_step.run(_config("5_irn_inference.yaml", pseudo_mask_step, work_dir,
-                                 "pseudo.input_long_side=64", "pseudo.save_rw=true"))
+    ir_labels_step.run(_config("3_ir_labels.yaml", ir_labels_step, work_dir, "ir_labels.num_workers=1"))
+    pseudo_masks_step.run(_config("5_pseudo_masks.yaml", pseudo_masks_step, work_dir,
+                                 "pseudo_masks.input_long_side=64", "pseudo_masks.save_rw=true"))
     with np.load(work_dir / "5_pseudo_masks" / f"{empty}.npz", allow_pickle=False) as walked:
         assert walked["keys"].shape == (0,) and len(walked["rw"]) == 0
     with np.load(work_dir / "5_pseudo_masks" / f"{labelled}.npz", allow_pickle=False) as walked:
@@ -72,10 +72,10 @@ def test_an_image_without_labels_becomes_background(work_dir, monkeypatch):
         assert read_done(work_dir / folder)["written"] == 3, folder
 
 
-@pytest.mark.parametrize("name,module", [("3_crf.yaml", ir_label_step),
-                                         ("5_irn_inference.yaml", pseudo_mask_step)])
+@pytest.mark.parametrize("name,module", [("3_ir_labels.yaml", ir_labels_step),
+                                         ("5_pseudo_masks.yaml", pseudo_masks_step)])
 def test_a_step_without_cams_is_one_error(work_dir, name, module):
     with pytest.raises(ConfigError, match=r"2_cams.*run step 2 first"):
         module.run(_config(name, module, work_dir))
-    out_dir = work_dir / ("3_ir_labels" if module is ir_label_step else "5_pseudo_masks")
+    out_dir = work_dir / ("3_ir_labels" if module is ir_labels_step else "5_pseudo_masks")
     assert not out_dir.exists() or not any(out_dir.iterdir())  # nothing written, nothing marked done

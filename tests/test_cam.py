@@ -234,7 +234,7 @@ def test_merge_cams():
 
 
 def test_step2_takes_the_classifier_epoch_it_is_told(tmp_path):
-    from inference.irn_steps import cam_step
+    from inference.irn_steps import cams_step
     from model_training.common.config import ConfigError, load_config
 
     for folder in ("1_classifier", "1_classifier_person"):
@@ -243,11 +243,11 @@ def test_step2_takes_the_classifier_epoch_it_is_told(tmp_path):
     (tmp_path / "1_classifier" / "last.pt").write_bytes(b"")
 
     def checkpoints(*overrides):
-        return cam_step._check(load_config(None, [f"work_dir={tmp_path}", *overrides], cam_step.DEFAULTS))
+        return cams_step._check(load_config(None, [f"work_dir={tmp_path}", *overrides], cams_step.DEFAULTS))
 
     assert checkpoints() == [tmp_path / "1_classifier" / "best.pt"]  # the default: best val mAP
-    assert checkpoints("cam.classifier_epoch=last") == [tmp_path / "1_classifier" / "last.pt"]
-    with pytest.raises(ConfigError, match="cam.extra_classifiers.*1_classifier_person/last.pt"):
-        checkpoints("cam.classifier_epoch=last", "cam.extra_classifiers=[person]")
-    with pytest.raises(ConfigError, match="key 'cam.classifier_epoch' must be one of best, last"):
-        checkpoints("cam.classifier_epoch=final")
+    assert checkpoints("cams.classifier_epoch=last") == [tmp_path / "1_classifier" / "last.pt"]
+    with pytest.raises(ConfigError, match="cams.extra_classifiers.*1_classifier_person/last.pt"):
+        checkpoints("cams.classifier_epoch=last", "cams.extra_classifiers=[person]")
+    with pytest.raises(ConfigError, match="key 'cams.classifier_epoch' must be one of best, last"):
+        checkpoints("cams.classifier_epoch=final")

@@ -306,11 +306,11 @@ def test_recam_classifier_cams_use_both_heads_and_its_checkpoint_keeps_them(tmp_
         expected = torch.einsum("kc,bchw->bkhw", weight, model.features(x))
         torch.testing.assert_close(fast_class_maps(model, x, range(weight.shape[0])), expected)
     # step 2 takes them from the features; autograd at another layer would ignore ReCAM's head
-    from inference.irn_steps.cam_step import DEFAULTS as CAM_DEFAULTS
-    from inference.irn_steps.cam_step import CamExtractor
+    from inference.irn_steps.cams_step import DEFAULTS as CAM_DEFAULTS
+    from inference.irn_steps.cams_step import CamExtractor
 
-    cam_cfg = load_config(None, [f"work_dir={tmp_path}", "cam.target_layer=backbone"], CAM_DEFAULTS).cam
-    with pytest.raises(ConfigError, match="key 'cam.target_layer': .* ReCAM classifier"):
+    cam_cfg = load_config(None, [f"work_dir={tmp_path}", "cams.target_layer=backbone"], CAM_DEFAULTS).cams
+    with pytest.raises(ConfigError, match="key 'cams.target_layer': .* ReCAM classifier"):
         CamExtractor(out / "best.pt", torch.device("cpu"), cam_cfg)
     # a plain classifier's checkpoint has no trace of it
     plain = build_cam_classifier("vgg16", "none", 16, class_ids=[1, 2])

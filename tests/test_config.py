@@ -86,12 +86,12 @@ def test_shard_flag_only_for_inference_steps(tmp_path, capsys):
 
 @pytest.mark.parametrize("step, script, section", [
     (1, "model_training.cam_generation.train_classifier", "model: backbone="),
-    (2, "inference.irn_steps.multiscale_cam", "cam: split="),
-    (3, "inference.irn_steps.crf_cam_processing", "crf: split="),
+    (2, "inference.irn_steps.multiscale_cam", "cams: split="),
+    (3, "inference.irn_steps.crf_cam_processing", "ir_labels: split="),
     (4, "model_training.cam_generation.train_irn", "irn: split="),
-    (5, "inference.irn_steps.irn_inference", "pseudo: split="),
+    (5, "inference.irn_steps.irn_inference", "pseudo_masks: split="),
     (6, "model_training.segmentation.train_segmentation", "self_training: rounds="),
-    (7, "inference.segmentation.predict", "submit: split="),
+    (7, "inference.segmentation.predict", "predictions: split="),
 ])
 def test_each_step_help_is_its_own(step, script, section, capsys):
     """What the step does, its own toy config as the example, its keys, --shard where it
@@ -111,9 +111,9 @@ def test_each_step_help_is_its_own(step, script, section, capsys):
 
 
 @pytest.mark.parametrize("override, needle", [
-    ("crf.conf_fg_thress=0.3", "crf.conf_fg_thress"),
+    ("ir_labels.conf_fg_thress=0.3", "ir_labels.conf_fg_thress"),
     ("dataset.root=/no/such/folder", "dataset.root"),
-    ("crf.iterations=0", "key 'crf.iterations' must be >= 1, got 0"),
+    ("ir_labels.iterations=0", "key 'ir_labels.iterations' must be >= 1, got 0"),
 ])
 def test_step_script_exits_2_with_one_line(tmp_path, override, needle):
     """A real entry point: a misspelt key or a missing dataset root, before any work starts."""
@@ -124,7 +124,7 @@ def test_step_script_exits_2_with_one_line(tmp_path, override, needle):
 
     proc = subprocess.run(
         [sys.executable, str(REPO / "inference" / "irn_steps" / "crf_cam_processing.py"),
-         "--config", str(REPO / "configs" / "camvid" / "3_crf.yaml"), f"work_dir={tmp_path}",
+         "--config", str(REPO / "configs" / "camvid" / "3_ir_labels.yaml"), f"work_dir={tmp_path}",
          override], capture_output=True, text=True)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and needle in proc.stderr
@@ -133,8 +133,8 @@ def test_step_script_exits_2_with_one_line(tmp_path, override, needle):
 
 def step_defaults():
     """Two real steps' keys: the training section and step 3's thresholds (some take auto)."""
-    from inference.irn_steps.cam_step import DEFAULTS as CAM_DEFAULTS
-    from inference.irn_steps.ir_label_step import DEFAULTS as CRF_DEFAULTS
+    from inference.irn_steps.cams_step import DEFAULTS as CAM_DEFAULTS
+    from inference.irn_steps.ir_labels_step import DEFAULTS as CRF_DEFAULTS
     from model_training.common.config import merge_defaults
     from model_training.common.trainer import TRAIN_DEFAULTS
 
@@ -146,11 +146,11 @@ def step_defaults():
     ("train.epochs=-1", "key 'train.epochs' must be >= 1, got -1"),
     ("train.batch_size=0", "key 'train.batch_size' must be >= 1, got 0"),
     ("num_workers=-1", "key 'num_workers' must be >= 0, got -1"),
-    ("crf.num_workers=-1", "key 'crf.num_workers' must be >= 0, got -1"),
+    ("ir_labels.num_workers=-1", "key 'ir_labels.num_workers' must be >= 0, got -1"),
     ("train.lr=0", "key 'train.lr' must be > 0, got 0.0"),
-    ("crf.conf_fg_thres=1.5", "key 'crf.conf_fg_thres' must be in [0, 1], got 1.5"),
-    ("crf.gt_prob=1", "key 'crf.gt_prob' must be in (0, 1), got 1.0"),
-    ("cam.scales=[1.0,-0.5]", "key 'cam.scales' must be > 0, got -0.5"),
+    ("ir_labels.conf_fg_thres=1.5", "key 'ir_labels.conf_fg_thres' must be in [0, 1], got 1.5"),
+    ("ir_labels.gt_prob=1", "key 'ir_labels.gt_prob' must be in (0, 1), got 1.0"),
+    ("cams.scales=[1.0,-0.5]", "key 'cams.scales' must be > 0, got -0.5"),
     ("dataset.toy.num_train=0", "key 'dataset.toy.num_train' must be >= 1, got 0"),
 ])
 def test_out_of_range_values_name_key_value_and_range(override, message):
@@ -161,10 +161,10 @@ def test_out_of_range_values_name_key_value_and_range(override, message):
 
 def test_range_checks_in_a_file_keep_bounds_and_auto(tmp_path):
     step = write(tmp_path / "step.yaml", {"train": {"epochs": 1}, "num_workers": 0,
-                                          "crf": {"conf_bg_thres": 0.0, "conf_fg_thres": "auto"}})
+                                          "ir_labels": {"conf_bg_thres": 0.0, "conf_fg_thres": "auto"}})
     cfg = load_config(step, [], step_defaults())
     assert cfg.train.epochs == 1 and cfg.num_workers == 0
-    assert cfg.crf.conf_bg_thres == 0.0 and cfg.crf.conf_fg_thres == "auto"
+    assert cfg.ir_labels.conf_bg_thres == 0.0 and cfg.ir_labels.conf_fg_thres == "auto"
     step = write(tmp_path / "step.yaml", {"train": {"batch_size": 0}})
     with pytest.raises(ConfigError, match=r"'train.batch_size' must be >= 1, got 0"):
         load_config(step, [], step_defaults())
@@ -174,9 +174,9 @@ def test_exponent_numbers_yaml_reads_as_text_are_numbers(tmp_path):
     """YAML 1.1 reads 1e-3 (no dot) as a string, in a file and on the command line alike."""
     step = tmp_path / "step.yaml"
     step.write_text("train:\n  lr: 1e-3\n  weight_decay: 5e-4\n")
-    cfg = load_config(step, ["cam.scales=[1e0,2]"], step_defaults())
+    cfg = load_config(step, ["cams.scales=[1e0,2]"], step_defaults())
     assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 0.0005
-    assert cfg.cam.scales == [1.0, 2]
+    assert cfg.cams.scales == [1.0, 2]
     assert load_config(None, ["train.lr=1e-3"], step_defaults()).train.lr == 0.001
     for text in ("1e-3x", "nan", "inf"):
         with pytest.raises(ConfigError, match=f"key 'train.lr' must be a number, got '{text}'"):

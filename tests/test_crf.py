@@ -7,14 +7,14 @@ import pytest
 from scipy import ndimage
 
 from inference.irn_steps import ir_labels
-from inference.irn_steps.ir_label_step import DEFAULTS, crf_params
 from inference.irn_steps.ir_labels import UNSURE, cams_to_ir_label, process_image, run_pool
+from inference.irn_steps.ir_labels_step import DEFAULTS, crf_params
 from model_training.common import step_io
 from model_training.common.config import load_config
 from model_training.common.crf import IRNET_PARAMS, crf_inference
 
 CLASS_IDS = (3, 5)  # deliberately not 1..K: labels must map back to the dataset's ids
-STEP = load_config(None, [], DEFAULTS).crf  # step 3's defaults: IRNet's thresholds and CRF
+STEP = load_config(None, [], DEFAULTS).ir_labels  # step 3's defaults: IRNet's thresholds and CRF
 IRNET = {"conf_fg_thres": STEP.conf_fg_thres, "conf_bg_thres": STEP.conf_bg_thres,
          "crf_params": crf_params(STEP)}
 

@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from inference.irn_steps import cam_step, multiscale_cam
+from inference.irn_steps import cams_step, multiscale_cam
 from model_training.cam_generation import classifier_training
 from model_training.cam_generation.classifier_training import DEFAULTS
 from model_training.common import distributed
@@ -38,7 +38,7 @@ CLASSIFIER = [*TINY_TOY, "model.weights=none", "data.resize_long=[48,48]", "trai
               "train.batch_size=2", "val.batch_size=4"]
 # Two ranks x one batch of 2 = the 4 training images: exactly one optimisation step each.
 ONE_STEP_PER_RANK = [*CLASSIFIER, "dataset.toy.num_train=4", "train.batch_size=2"]
-CAMS = [*TINY_TOY, "cam.scales=[1.0]", "cam.flip=false", "cam.input_long_side=null"]
+CAMS = [*TINY_TOY, "cams.scales=[1.0]", "cams.flip=false", "cams.input_long_side=null"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -79,7 +79,7 @@ def test_shards_and_torchrun_ranks_cover_every_id_once(monkeypatch):
 @pytest.mark.parametrize("shard", ["3/2", "x", "1/0", "-1/2", "1/2/3"])
 def test_bad_shard_is_one_line_and_exit_2(shard, capsys):
     with pytest.raises(SystemExit) as stop:
-        multiscale_cam.main(["--config", str(REPO / "configs/toy/2_cam.yaml"), f"--shard={shard}"])
+        multiscale_cam.main(["--config", str(REPO / "configs/toy/2_cams.yaml"), f"--shard={shard}"])
     err = capsys.readouterr().err
     assert stop.value.code == 2
     assert err.startswith("error: key 'shard'") and err.strip().count("\n") == 0
@@ -258,10 +258,10 @@ def _cams(folder) -> dict[str, dict[str, np.ndarray]]:
 
 
 def test_step2_ranks_and_shards_write_the_single_process_files(classifiers, tmp_path):
-    checkpoint = f"cam.checkpoint={classifiers[1] / 'best.pt'}"
-    config = "configs/toy/2_cam.yaml"
-    cam_step.run(load_config(REPO / config, [f"work_dir={tmp_path / 'single'}", checkpoint,
-                                             *CAMS], cam_step.DEFAULTS))
+    checkpoint = f"cams.checkpoint={classifiers[1] / 'best.pt'}"
+    config = "configs/toy/2_cams.yaml"
+    cams_step.run(load_config(REPO / config, [f"work_dir={tmp_path / 'single'}", checkpoint,
+                                             *CAMS], cams_step.DEFAULTS))
     torchrun("inference/irn_steps/multiscale_cam.py", "--config", config,
              f"work_dir={tmp_path / 'ranks'}", checkpoint, *CAMS)
     sharded = ["--config", str(REPO / config), f"work_dir={tmp_path / 'shards'}", checkpoint, *CAMS]

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from model_training.cam_generation.irn_labels import affinity_targets, irn_losses, label_to_stride
+from model_training.cam_generation.irn_targets import affinity_targets, irn_losses, label_to_stride
 from model_training.common.models.irnet import IRNet, predict_boundary
 from model_training.common.path_index import PathIndex, edge_to_affinity, line_path, search_offsets
 

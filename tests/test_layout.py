@@ -17,18 +17,18 @@ CORE = ("model_training.common",)
 STEPS = {
     "step 1": ("model_training.cam_generation.train_classifier",
                "model_training.cam_generation.classifier_training"),
-    "step 2": ("inference.irn_steps.multiscale_cam", "inference.irn_steps.cam_step",
+    "step 2": ("inference.irn_steps.multiscale_cam", "inference.irn_steps.cams_step",
                "inference.irn_steps.cam"),
-    "step 3": ("inference.irn_steps.crf_cam_processing", "inference.irn_steps.ir_label_step",
+    "step 3": ("inference.irn_steps.crf_cam_processing", "inference.irn_steps.ir_labels_step",
                "inference.irn_steps.ir_labels"),
     "step 4": ("model_training.cam_generation.train_irn",
                "model_training.cam_generation.irn_training",
-               "model_training.cam_generation.irn_labels"),
-    "step 5": ("inference.irn_steps.irn_inference", "inference.irn_steps.pseudo_mask_step",
+               "model_training.cam_generation.irn_targets"),
+    "step 5": ("inference.irn_steps.irn_inference", "inference.irn_steps.pseudo_masks_step",
                "inference.irn_steps.random_walk"),
     "step 6": ("model_training.segmentation.train_segmentation",
                "model_training.segmentation.segmentation_training"),
-    "step 7": ("inference.segmentation.predict", "inference.segmentation.predict_step"),
+    "step 7": ("inference.segmentation.predict", "inference.segmentation.predictions_step"),
 }
 SCORING = ("inference.evaluate", "inference.scoring")
 PACKAGE_DOCS = ("model_training", "model_training.cam_generation", "model_training.segmentation",
@@ -102,9 +102,9 @@ def test_imports_only_go_down_the_dag():
 
 
 @pytest.mark.parametrize("source, target, expected", [
-    ("model_training.common.step_io", "inference.irn_steps.cam_step", False),
-    ("inference.irn_steps.pseudo_mask_step", "model_training.cam_generation.irn_training", False),
-    ("inference.irn_steps.pseudo_mask_step", "model_training.common.models.irnet", True),
+    ("model_training.common.step_io", "inference.irn_steps.cams_step", False),
+    ("inference.irn_steps.pseudo_masks_step", "model_training.cam_generation.irn_training", False),
+    ("inference.irn_steps.pseudo_masks_step", "model_training.common.models.irnet", True),
     ("model_training.segmentation.segmentation_training", "inference.segmentation.submit.generate_predictions", True),
     ("inference.segmentation.submit.generate_predictions", "model_training.common.config", False),
 ])

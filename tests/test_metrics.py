@@ -105,7 +105,7 @@ def _evaluate_fails(capsys, *argv) -> str:
 
 
 def test_evaluate_cli_scores_masks_beside_walked_maps_and_names_classes(tmp_path, capsys):
-    """A step-5 folder with ``pseudo.save_rw`` holds masks and .npz walks: the masks are scored."""
+    """A step-5 folder with ``pseudo_masks.save_rw`` holds masks and .npz walks: the masks are scored."""
     from inference import evaluate
 
     save_png(tmp_path / "pred" / "a.png", np.array([[0, 1]], np.uint8))
@@ -268,14 +268,14 @@ def test_cam_folder_missing_file_and_foreign_keys(tmp_path):
 
 def test_report_scores_what_a_step_wrote_and_records_what_it_left_out(tmp_path):
     """Step 5 skipped a bad image: its stage is scored on the rest and says one is missing."""
-    from inference.irn_steps import pseudo_mask_step
+    from inference.irn_steps import pseudo_masks_step
     from inference.scoring.report import score_stages
     from model_training.common.config import load_config
     from model_training.common.datasets import build_source
 
-    cfg = load_config(REPO / "configs" / "toy" / "5_irn_inference.yaml",
+    cfg = load_config(REPO / "configs" / "toy" / "5_pseudo_masks.yaml",
                       [f"work_dir={tmp_path}", "dataset.toy.num_train=3", "dataset.toy.num_val=2",
-                       "dataset.toy.image_size=[32,48]"], pseudo_mask_step.DEFAULTS)
+                       "dataset.toy.image_size=[32,48]"], pseudo_masks_step.DEFAULTS)
     train, val = build_source(cfg.dataset, "train"), build_source(cfg.dataset, "val")
     for image_id in train.ids:  # every stage's output is the ground truth itself
         gt = train.load_mask(image_id)

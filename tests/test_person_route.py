@@ -1,6 +1,6 @@
 """"No people allowed" from configs alone: a ``1_classifier_person.yaml`` beside the seven
 step files makes run_pipeline train the binary person classifier after step 1, on the toy's
-verified quarter, and step 2 merge its CAMs through ``cam.extra_classifiers``."""
+verified quarter, and step 2 merge its CAMs through ``cams.extra_classifiers``."""
 import shutil
 
 import numpy as np
@@ -16,7 +16,7 @@ from tests.conftest import REPO
 
 TINY = ["device=cpu", "num_workers=0", "dataset.toy.num_train=8", "dataset.toy.num_val=4",
         "dataset.toy.image_size=[48,64]", "train.epochs=1", "train.batch_size=4",
-        "data.resize_long=[64,64]", "cam.scales=[1.0]", "cam.input_long_side=64"]
+        "data.resize_long=[64,64]", "cams.scales=[1.0]", "cams.input_long_side=64"]
 PERSON = """_base_: common.yaml
 variant: person
 dataset:
@@ -36,9 +36,9 @@ def npa_configs(tmp_path):
     del main["loss"]  # no down-weighting: the person leaves the main classifier instead
     main["data"].update(exclude_classes=["person"], drop_images_with=["person"])
     (folder / "1_classifier.yaml").write_text(yaml.safe_dump(main))
-    cam = yaml.safe_load((folder / "2_cam.yaml").read_text())
-    cam["cam"]["extra_classifiers"] = ["person"]
-    (folder / "2_cam.yaml").write_text(yaml.safe_dump(cam))
+    cam = yaml.safe_load((folder / "2_cams.yaml").read_text())
+    cam["cams"]["extra_classifiers"] = ["person"]
+    (folder / "2_cams.yaml").write_text(yaml.safe_dump(cam))
     (folder / "1_classifier_person.yaml").write_text(PERSON)
     return folder
 

@@ -14,9 +14,9 @@ from tests.conftest import REPO
 TINY = [
     "dataset.toy.num_train=6", "dataset.toy.num_val=4", "dataset.toy.image_size=[48,64]",
     "train.epochs=1", "train.batch_size=3", "num_workers=0",
-    "data.resize_long=[64,64]", "data.crop_size=64", "cam.input_long_side=64",
-    "cam.scales=[1.0,0.5]", "pseudo.input_long_side=64", "export.scales=[1.0]",
-    "crf.num_workers=1", "data.input_long_side=64",
+    "data.resize_long=[64,64]", "data.crop_size=64", "cams.input_long_side=64",
+    "cams.scales=[1.0,0.5]", "pseudo_masks.input_long_side=64", "export.scales=[1.0]",
+    "ir_labels.num_workers=1", "data.input_long_side=64",
 ]
 STEP_FOLDERS = {"1_classifier": "best.pt", "2_cams": "*.npz", "3_ir_labels": "*.png",
                 "4_irn": "best.pt", "5_pseudo_masks": "*.png", "6_segmentation": "model.pt",
@@ -97,15 +97,15 @@ def test_unknown_override_is_one_line_exit_2():
 
 
 @pytest.mark.parametrize("split_override,split,count", [([], "val", 4),
-                                                        (["submit.split=null"], "test", 3)])
+                                                        (["predictions.split=null"], "test", 3)])
 def test_step7_script_predicts_the_configured_split(tiny_run, tmp_path, split_override, split,
                                                     count):
-    """Step 7 on its own, from the pipeline's 7_submit.yaml and step 6's exported model;
-    ``submit.split: null`` means the dataset's test split."""
+    """Step 7 on its own, from the pipeline's 7_predictions.yaml and step 6's exported model;
+    ``predictions.split: null`` means the dataset's test split."""
     from inference.segmentation import predict
 
     shutil.copytree(tiny_run[0] / "6_segmentation", tmp_path / "6_segmentation")
-    summary = predict.main(["--config", str(REPO / "configs" / "toy" / "7_submit.yaml"),
+    summary = predict.main(["--config", str(REPO / "configs" / "toy" / "7_predictions.yaml"),
                             f"work_dir={tmp_path}", "dataset.toy.num_train=6",
                             "dataset.toy.num_val=4", "dataset.toy.num_test=3",
                             "dataset.toy.image_size=[48,64]", *split_override])
@@ -157,17 +157,17 @@ def test_changed_step3_threshold_is_refused_then_redone_with_overwrite(tiny_run,
     one line and exit 2; with overwrite=true steps 3-7, and only those, run again."""
     _copy_steps(tiny_run[0], tmp_path, 7)
     command = [sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / "toy"),
-               f"work_dir={tmp_path}", *TINY, "crf.conf_fg_thres=0.6"]
+               f"work_dir={tmp_path}", *TINY, "ir_labels.conf_fg_thres=0.6"]
     refused = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and refused.stderr.startswith("error: ")
-    assert "3_ir_labels" in refused.stderr and "crf.conf_fg_thres: 0.55 -> 0.6" in refused.stderr
+    assert "3_ir_labels" in refused.stderr and "ir_labels.conf_fg_thres: 0.55 -> 0.6" in refused.stderr
     step3 = subprocess.run([sys.executable, str(REPO / "inference/irn_steps/crf_cam_processing.py"),
-                            "--config", str(REPO / "configs/toy/3_crf.yaml"), f"work_dir={tmp_path}",
+                            "--config", str(REPO / "configs/toy/3_ir_labels.yaml"), f"work_dir={tmp_path}",
                             *[o for o in TINY if o.startswith(("dataset.", "num_workers", "crf."))],
-                            "crf.conf_fg_thres=0.6"], capture_output=True, text=True, cwd=REPO)
+                            "ir_labels.conf_fg_thres=0.6"], capture_output=True, text=True, cwd=REPO)
     assert step3.returncode == 2 and step3.stderr.count("\n") == 1, step3.stderr[-3000:]
-    assert "crf.conf_fg_thres: 0.55 -> 0.6" in step3.stderr
+    assert "ir_labels.conf_fg_thres: 0.55 -> 0.6" in step3.stderr
     assert "conf_fg_thres: 0.55" in (tmp_path / "3_ir_labels" / "config.yaml").read_text()
     redone = subprocess.run(command + ["overwrite=true"], capture_output=True, text=True, cwd=REPO)
     assert redone.returncode == 0, redone.stderr[-3000:]

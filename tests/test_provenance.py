@@ -10,7 +10,7 @@ from model_training.common.provenance import (PROVENANCE_FILE, claim_folder, inp
                                               stale_reasons)
 from model_training.common.step_io import mark_done, read_done, remove_temp_files
 
-DEFAULTS = {"resume": False, "crf": {"conf_fg_thres": 0.55, "num_workers": 1},
+DEFAULTS = {"resume": False, "ir_labels": {"conf_fg_thres": 0.55, "num_workers": 1},
             "train": {"epochs": 3}}
 
 
@@ -22,8 +22,8 @@ def test_first_claim_records_settings_without_run_only_keys(tmp_path):
     folder = tmp_path / "3_ir_labels"
     claim_folder(folder, _cfg(tmp_path), {"cams": tmp_path / "2_cams"}, DEFAULTS)
     recipe = json.loads((folder / PROVENANCE_FILE).read_text())
-    assert recipe["settings"]["crf.conf_fg_thres"] == 0.55
-    assert not {"work_dir", "device", "num_workers", "crf.num_workers", "overwrite",
+    assert recipe["settings"]["ir_labels.conf_fg_thres"] == 0.55
+    assert not {"work_dir", "device", "num_workers", "ir_labels.num_workers", "overwrite",
                 "shard"} & set(recipe["settings"])
     assert recipe["inputs"] == {"cams": "missing"}
     assert (folder / "config.yaml").is_file()
@@ -35,10 +35,10 @@ def test_changed_setting_stops_with_one_line_and_keeps_the_folder(tmp_path):
     mark_done(folder, {"written": 1})
     config_before = (folder / "config.yaml").read_text()
     with pytest.raises(ConfigError) as err:
-        claim_folder(folder, _cfg(tmp_path, "crf.conf_fg_thres=0.9"), {}, DEFAULTS)
+        claim_folder(folder, _cfg(tmp_path, "ir_labels.conf_fg_thres=0.9"), {}, DEFAULTS)
     message = str(err.value)
     assert "\n" not in message
-    assert "crf.conf_fg_thres: 0.55 -> 0.9" in message
+    assert "ir_labels.conf_fg_thres: 0.55 -> 0.9" in message
     assert "overwrite=true" in message and "work_dir" in message
     assert (folder / "config.yaml").read_text() == config_before
     assert read_done(folder) == {"written": 1}
@@ -49,7 +49,7 @@ def test_run_only_keys_do_not_count_and_an_unchanged_recipe_rewrites_nothing(tmp
     claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
     mark_done(folder, {"written": 1})
     (folder / "config.yaml").write_text("left alone\n")
-    claim_folder(folder, _cfg(tmp_path, "num_workers=0", "crf.num_workers=3", "device=cpu",
+    claim_folder(folder, _cfg(tmp_path, "num_workers=0", "ir_labels.num_workers=3", "device=cpu",
                               "on_error=stop"), {}, DEFAULTS)
     assert (folder / "config.yaml").read_text() == "left alone\n"
     assert read_done(folder) == {"written": 1}
@@ -59,9 +59,9 @@ def test_overwrite_records_the_new_recipe_and_forgets_the_old_finish(tmp_path):
     folder = tmp_path / "3_ir_labels"
     claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
     mark_done(folder, {"written": 1})
-    claim_folder(folder, _cfg(tmp_path, "crf.conf_fg_thres=0.9", "overwrite=true"), {}, DEFAULTS)
+    claim_folder(folder, _cfg(tmp_path, "ir_labels.conf_fg_thres=0.9", "overwrite=true"), {}, DEFAULTS)
     assert read_done(folder) is None
-    assert json.loads((folder / PROVENANCE_FILE).read_text())["settings"]["crf.conf_fg_thres"] == 0.9
+    assert json.loads((folder / PROVENANCE_FILE).read_text())["settings"]["ir_labels.conf_fg_thres"] == 0.9
     assert "conf_fg_thres: 0.9" in (folder / "config.yaml").read_text()
 
 
@@ -79,15 +79,15 @@ def test_a_changed_upstream_checkpoint_makes_the_next_step_stale(tmp_path):
 
 
 def test_a_key_added_to_the_code_since_counts_only_off_its_default(tmp_path):
-    """A folder recorded before the step gained ``crf.new_key`` stays finished while the key
+    """A folder recorded before the step gained ``ir_labels.new_key`` stays finished while the key
     holds its default; set to another value, the key makes the folder stale."""
     folder = tmp_path / "3_ir_labels"
     claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
-    grown = {**DEFAULTS, "crf": {**DEFAULTS["crf"], "new_key": 0.5}}
+    grown = {**DEFAULTS, "ir_labels": {**DEFAULTS["ir_labels"], "new_key": 0.5}}
     at_default = load_config(None, [f"work_dir={tmp_path}"], grown)
     assert stale_reasons(folder, at_default, {}, grown) == []
-    changed = load_config(None, [f"work_dir={tmp_path}", "crf.new_key=0.7"], grown)
-    assert stale_reasons(folder, changed, {}, grown) == ["crf.new_key: <unset> -> 0.7"]
+    changed = load_config(None, [f"work_dir={tmp_path}", "ir_labels.new_key=0.7"], grown)
+    assert stale_reasons(folder, changed, {}, grown) == ["ir_labels.new_key: <unset> -> 0.7"]
 
 
 def test_outputs_without_a_record_are_refused(tmp_path):
@@ -104,8 +104,8 @@ def test_resume_may_raise_the_epochs_but_not_change_other_settings(tmp_path):
     claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
     claim_folder(folder, _cfg(tmp_path, "resume=true", "train.epochs=6"), {}, DEFAULTS)
     assert json.loads((folder / PROVENANCE_FILE).read_text())["settings"]["train.epochs"] == 6
-    with pytest.raises(ConfigError, match="crf.conf_fg_thres"):
-        claim_folder(folder, _cfg(tmp_path, "resume=true", "crf.conf_fg_thres=0.1"), {}, DEFAULTS)
+    with pytest.raises(ConfigError, match="ir_labels.conf_fg_thres"):
+        claim_folder(folder, _cfg(tmp_path, "resume=true", "ir_labels.conf_fg_thres=0.1"), {}, DEFAULTS)
 
 
 def test_finishing_a_step_removes_the_temp_files_of_killed_runs(tmp_path):

@@ -5,14 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from inference.irn_steps import pseudo_mask_step
+from inference.irn_steps import pseudo_masks_step
 from inference.irn_steps.random_walk import (background_seed, pseudo_mask_from_rw, random_walk,
                                              random_walk_dense_reference, transition_matrix)
 from model_training.common.config import ConfigError, load_config
 from model_training.common.path_index import PathIndex
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-STEP = load_config(None, [], pseudo_mask_step.DEFAULTS).pseudo  # step 5's defaults: IRNet's
+STEP = load_config(None, [], pseudo_masks_step.DEFAULTS).pseudo_masks  # step 5's defaults: IRNet's
 WALK = {"beta": STEP.beta, "exp_times": STEP.exp_times, "radius": STEP.radius}
 
 
@@ -152,8 +152,8 @@ def test_sparse_walk_on_cuda_matches_cpu():
 
 
 def test_step_rejects_an_unknown_background_mode(tmp_path):
-    cfg = load_config(CONFIGS / "toy" / "5_irn_inference.yaml",
-                      [f"work_dir={tmp_path}", "pseudo.background=flood"], pseudo_mask_step.DEFAULTS)
-    with pytest.raises(ConfigError, match="pseudo.background.*'flood'"):
-        pseudo_mask_step.run(cfg)
+    cfg = load_config(CONFIGS / "toy" / "5_pseudo_masks.yaml",
+                      [f"work_dir={tmp_path}", "pseudo_masks.background=flood"], pseudo_masks_step.DEFAULTS)
+    with pytest.raises(ConfigError, match="pseudo_masks.background.*'flood'"):
+        pseudo_masks_step.run(cfg)
     assert not any(tmp_path.iterdir())  # nothing written before the check

@@ -13,10 +13,10 @@ from model_training.common.config import Config
 from model_training.common.datasets import build_source
 from tests.conftest import REPO
 
-TINY = ["device=cpu", "num_workers=0", "crf.num_workers=1", "train.epochs=1",
+TINY = ["device=cpu", "num_workers=0", "ir_labels.num_workers=1", "train.epochs=1",
         "train.batch_size=2", "data.resize_long=[64,64]", "data.crop_size=64",
-        "data.input_long_side=64", "cam.scales=[1.0]", "export.scales=[1.0]",
-        "cam.input_long_side=64",  # configs/lid's CAMs see 352 pixels
+        "data.input_long_side=64", "cams.scales=[1.0]", "export.scales=[1.0]",
+        "cams.input_long_side=64",  # configs/lid's CAMs see 352 pixels
         "model.weights=none", "irn.weights=none", "model.encoder_weights=none",
         "model.freeze_bn=false"]  # frozen BatchNorm needs trained statistics: none here
 
@@ -179,5 +179,5 @@ def test_lid_configs_run_all_seven_steps_and_the_person_route_on_a_lid_miniature
     predictions = sorted((work_dir / "7_predictions").glob("*.png"))
     assert [p.stem for p in predictions] == sorted(LID_IMAGES["val"])
     assert all(np.asarray(Image.open(p)).shape == LID_IMAGES["val"][p.stem] for p in predictions)
-    test = build_source(Config(name="lid", root=str(root)), "test")  # step 7 with submit.split=test
+    test = build_source(Config(name="lid", root=str(root)), "test")  # step 7 with predictions.split=test
     assert test.ids == sorted(LID_IMAGES["test"]) and not test.has_masks and test.labels(test.ids[0]) == []

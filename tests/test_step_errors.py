@@ -63,14 +63,14 @@ def test_step1_weights_that_do_not_fit(tmp_path, mismatched_weights, capsys):
 
 def test_step2_missing_extra_classifier(tmp_path, capsys):
     torch.save({}, step_dir(tmp_path, 1) / "best.pt")
-    err = _fails_with_one_line(multiscale_cam, "2_cam.yaml", tmp_path, capsys,
-                               f"cam.extra_checkpoints=[{tmp_path / 'person.pt'}]")
-    assert "'cam.extra_checkpoints'" in err and "person.pt" in err
+    err = _fails_with_one_line(multiscale_cam, "2_cams.yaml", tmp_path, capsys,
+                               f"cams.extra_checkpoints=[{tmp_path / 'person.pt'}]")
+    assert "'cams.extra_checkpoints'" in err and "person.pt" in err
 
 
 @pytest.mark.parametrize("script,config,overrides", [
-    (crf_cam_processing, "3_crf.yaml", []),
-    (irn_inference, "5_irn_inference.yaml", ["pseudo.checkpoint=__ckpt__"]),
+    (crf_cam_processing, "3_ir_labels.yaml", []),
+    (irn_inference, "5_pseudo_masks.yaml", ["pseudo_masks.checkpoint=__ckpt__"]),
 ])
 def test_steps_3_and_5_before_step_2(tmp_path, capsys, script, config, overrides):
     checkpoint = tmp_path / "irn.pt"
@@ -129,8 +129,8 @@ def test_step3_on_a_full_disk_exits_2_and_is_not_marked_done(tmp_path, capsys, m
         save_cams(step_dir(tmp_path, 2) / f"{image_id}.npz", [],
                   np.zeros((0, 8, 12), np.float32), np.zeros((0, 32, 48), np.float32))
     monkeypatch.setattr(step_io, "save_png", _no_space)
-    err = _fails_with_one_line(crf_cam_processing, "3_crf.yaml", tmp_path, capsys,
-                               "crf.num_workers=1")
+    err = _fails_with_one_line(crf_cam_processing, "3_ir_labels.yaml", tmp_path, capsys,
+                               "ir_labels.num_workers=1")
     assert "train_00000" in err and "ENOSPC" in err and "/full/disk/out.png" in err
     assert read_done(tmp_path / "3_ir_labels") is None
 
@@ -166,7 +166,7 @@ def test_missing_checkpoint_says_which_step_writes_it(tmp_path):
 def test_step2_classifier_checkpoint_of_garbage(tmp_path, capsys):
     best = step_dir(tmp_path, 1) / "best.pt"
     _spoil(best, "random bytes")
-    err = _fails_with_one_line(multiscale_cam, "2_cam.yaml", tmp_path, capsys)
+    err = _fails_with_one_line(multiscale_cam, "2_cams.yaml", tmp_path, capsys)
     assert err == (f"error: {best}: not a checkpoint this toolkit wrote, or truncated: "
                    f"re-run step 1 with overwrite=true")
 
@@ -210,7 +210,7 @@ def test_step7_exported_model_of_garbage(tmp_path, capfd):
     exported = step_dir(tmp_path, 6)
     _spoil(exported / "model.pt", "random bytes")
     (exported / "export_config.yaml").write_text("weights: model.pt\ndevice: cpu\n")
-    _exits_2(predict, "7_submit.yaml", tmp_path)
+    _exits_2(predict, "7_predictions.yaml", tmp_path)
     err = capfd.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
         f"error: {exported / 'model.pt'}: not a checkpoint step 6 exported, or truncated",

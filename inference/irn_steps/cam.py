@@ -172,7 +172,7 @@ def class_maps(model: nn.Module, images: torch.Tensor, output_indices: Sequence[
     if uses_fast_path(model, target_layer):
         return fast_class_maps(model, images, output_indices, method)
     if getattr(model, "recam_head", None) is not None:
-        raise ValueError("a ReCAM classifier's maps come from its features (cam.target_layer: "
+        raise ValueError("a ReCAM classifier's maps come from its features (cams.target_layer: "
                          "null): its CAM weight is no gradient autograd could follow")
     return autograd_class_maps(model, images, output_indices, method, target_layer)
 

@@ -27,10 +27,9 @@ from model_training.common.datasets.voc import read_id_list
 from model_training.common.models import (CamClassifier, build_cam_classifier, check_backbone_keys,
                                           init_from_checkpoint, weights_error_names)
 from model_training.common.progress import progress
-from model_training.common.provenance import claim_folder
-from model_training.common.step_io import classifier_dir, mark_done, report_failure
-from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume, seed_everything,
-                                           seed_worker)
+from model_training.common.step_io import classifier_dir, report_failure
+from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, finish_training_step,
+                                           seed_worker, start_training_step)
 from model_training.common.transforms import build_transform
 
 SHARDABLE = False
@@ -364,10 +363,7 @@ def run(cfg: Config) -> dict:
     started = time.time()
     _check_config(cfg)
     out_dir = classifier_dir(cfg.work_dir, cfg.variant)
-    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
-    check_resume(out_dir, cfg.resume, cfg.overwrite)
-    device = distributed.setup(cfg)
-    seed_everything(cfg.seed + distributed.rank())  # ranks augment differently
+    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
 
     source = build_source(cfg.dataset, cfg.dataset.train_split)
     class_ids = output_class_ids(source, cfg.data.target_classes, cfg.data.exclude_classes)
@@ -440,12 +436,9 @@ def run(cfg: Config) -> dict:
                            "config": cfg.to_dict()},
         resume=cfg.resume)
     summary = trainer.fit()
-    summary = {**summary, "out_dir": str(out_dir), "class_ids": class_ids,
-               "num_train_images": len(ids), "seconds": round(time.time() - started, 1),
-               "val_map": summary["best_score"] if validate_fn else None}
-    if distributed.is_main():
-        mark_done(out_dir, summary)
-    return summary
+    return finish_training_step(out_dir, {
+        **summary, "out_dir": str(out_dir), "class_ids": class_ids, "num_train_images": len(ids),
+        "val_map": summary["best_score"] if validate_fn else None}, started)
 
 
 def summary_line(summary: dict) -> str:

@@ -19,13 +19,12 @@ from model_training.common.datasets import build_source
 from model_training.common.models import check_backbone_keys, weights_error_names
 from model_training.common.models.irnet import build_irnet
 from model_training.common.path_index import PathIndex, edge_to_affinity
-from model_training.common.provenance import claim_folder
-from model_training.common.step_io import STEP_DIRS, load_png, mark_done, step_dir
-from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume, seed_everything,
-                                           seed_worker)
+from model_training.common.step_io import STEP_DIRS, load_png, step_dir
+from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, finish_training_step,
+                                           seed_worker, start_training_step)
 from model_training.common.transforms import build_transform
 
-from .irn_labels import affinity_targets, irn_losses, label_to_stride
+from .irn_targets import affinity_targets, irn_losses, label_to_stride
 
 SHARDABLE = False
 
@@ -85,10 +84,7 @@ def run(cfg) -> dict:
     started = time.time()
     _check(cfg)
     out_dir = step_dir(cfg.work_dir, 4)
-    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
-    check_resume(out_dir, cfg.resume, cfg.overwrite)
-    device = distributed.setup(cfg)
-    seed_everything(cfg.seed + distributed.rank())  # ranks augment differently
+    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
     source = build_source(cfg.dataset, cfg.irn.split)
     label_dir = step_dir(cfg.work_dir, 3)
     ids = [i for i in source.ids if (label_dir / f"{i}.png").is_file()]
@@ -123,11 +119,7 @@ def run(cfg) -> dict:
                       cfg.train, device, step_fn=step_fn,
                       checkpoint_fields={"arch": arch, "config": cfg.to_dict()},
                       resume=cfg.resume)
-    summary = trainer.fit()
-    summary = {**summary, "images": len(ids), "seconds": round(time.time() - started, 2)}
-    if distributed.is_main():
-        mark_done(out_dir, summary)
-    return summary
+    return finish_training_step(out_dir, {**trainer.fit(), "images": len(ids)}, started)
 
 
 def summary_line(summary: dict) -> str:

@@ -23,7 +23,7 @@ from .step_io import DONE_FILE, atomic_write, save_config
 PROVENANCE_FILE = "provenance.json"
 
 # Settings that change how a step runs, not what it writes.
-RUN_ONLY_KEYS = frozenset({"work_dir", "device", "num_workers", "crf.num_workers", "overwrite",
+RUN_ONLY_KEYS = frozenset({"work_dir", "device", "num_workers", "ir_labels.num_workers", "overwrite",
                            "on_error", "shard", "resume", "val.batch_size"})
 # Settings a training step may change while it resumes (continue for more epochs).
 RESUMABLE_KEYS = frozenset({"train.epochs"})

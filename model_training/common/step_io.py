@@ -9,7 +9,6 @@ import errno
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
@@ -32,6 +31,12 @@ STEP_DIRS = {
     6: "6_segmentation",
     7: "7_predictions",
 }
+
+
+def step_word(step: int) -> str:
+    """The one word that names step ``step``'s folder, config file, config section and log
+    prefix: ``STEP_DIRS[3]`` is ``3_ir_labels``, its section ``ir_labels``."""
+    return STEP_DIRS[step].split("_", 1)[1]
 
 
 def classifier_dir(work_dir: str | os.PathLike, variant: str = "") -> Path:
@@ -175,20 +180,6 @@ def run_over_images(items: Iterable, fn: Callable[..., object], desc: str,
 
 
 DONE_FILE = "done.json"
-
-
-def finish_image_step(folder, shard: str, started: float, written: int, failed: list[str],
-                      skipped: int, **extra) -> dict:
-    """Record what an image step (2, 3, 5) did in its done marker; returns that summary."""
-    summary = {"written": written, "failed": failed, "skipped_existing": skipped, **extra,
-               "seconds": round(time.time() - started, 2)}
-    mark_done(folder, summary, shard)
-    return summary
-
-
-def image_summary_line(folder: str, summary: dict) -> str:
-    return (f"{folder}: {summary['written']} written, {len(summary['failed'])} failed, "
-            f"{summary['skipped_existing']} already there ({summary['seconds']} s)")
 
 
 def _shard_done_file(index: int, count: int) -> str:

@@ -27,12 +27,14 @@ from torch import nn
 from tqdm import tqdm
 
 from model_training.common.progress import progress
-from model_training.common.step_io import atomic_write, clear_done
+from model_training.common.step_io import atomic_write, clear_done, mark_done
 
+from . import distributed
 from .checkpoints import read_checkpoint
 from .config import ConfigError, StepError
 from .distributed import (barrier, broadcast_from_main, gather_from_ranks, is_main, mean_over_ranks,
                           rank, world_size)
+from .provenance import claim_folder
 
 # The ``train`` section every training step shares (plus the top-level ``resume`` key).
 TRAIN_DEFAULTS: dict[str, Any] = {
@@ -102,6 +104,26 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
         elif isinstance(value, torch.Tensor) and value.numel() == 1:
             flat[name] = float(value)
     return flat
+
+
+def start_training_step(cfg, out_dir: Path, defaults: Mapping, inputs: Mapping) -> torch.device:
+    """What a training step (1, 4, 6) does before it builds its data and model: claim the
+    folder (``provenance``), refuse to start over on a previous run unless told
+    (``check_resume``), join torchrun's processes and seed, each rank its own augmentations.
+    Returns this process's device."""
+    claim_folder(out_dir, cfg, inputs, defaults)
+    check_resume(out_dir, cfg.resume, cfg.overwrite)
+    device = distributed.setup(cfg)
+    seed_everything(cfg.seed + rank())
+    return device
+
+
+def finish_training_step(out_dir: Path, summary: dict, started: float) -> dict:
+    """The step's summary with its seconds, recorded (rank 0) in its done marker."""
+    summary = {**summary, "seconds": round(time.time() - started, 2)}
+    if is_main():
+        mark_done(out_dir, summary)
+    return summary
 
 
 class LRSchedule:

@@ -39,12 +39,11 @@ from model_training.common.models.weights import (LITE_HEAD_PREFIXES, efficientn
                                                   is_efficientnet_lite, load_matching,
                                                   read_state_dict, rename_efficientnet_lite_keys)
 from model_training.common.progress import progress
-from model_training.common.provenance import claim_folder
 from model_training.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done,
                                            pending_ids, read_done, report_failure, run_over_images,
                                            save_png, step_dir)
-from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, check_resume, seed_everything,
-                                           seed_worker)
+from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, finish_training_step,
+                                           seed_everything, seed_worker, start_training_step)
 from model_training.common.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_transform,
                                               image_to_tensor)
 
@@ -478,10 +477,7 @@ def run(cfg: Config) -> dict:
     out_dir = step_dir(cfg.work_dir, STEP)
     rounds = cfg.self_training.rounds
     _check_rounds(cfg)
-    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
-    check_resume(out_dir, cfg.resume, cfg.overwrite)
-    device = distributed.setup(cfg)
-    seed_everything(cfg.seed + distributed.rank())  # ranks augment differently
+    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
     dataset_cfg = cfg.dataset
     train_source = build_source(dataset_cfg, dataset_cfg.train_split)
     val_source = build_source(dataset_cfg, dataset_cfg.val_split)
@@ -515,14 +511,11 @@ def run(cfg: Config) -> dict:
         checkpoint = {**make_checkpoint(best["model"], best["model_config"], best["class_names"],
                                         IMAGENET_MEAN, IMAGENET_STD), "epoch": best["epoch"]}
         export_for_submission(out_dir, checkpoint, cfg)
-    summary = {"miou": result["best_score"] if validated else None,
-               "best_epoch": result["best_epoch"], "epochs": result["epochs"], "rounds": rounds,
-               "split": dataset_cfg.val_split, "model": str(out_dir / "model.pt"),
-               "export_config": str(out_dir / "export_config.yaml"),
-               "seconds": round(time.time() - started, 2)}
-    if distributed.is_main():
-        mark_done(out_dir, summary)
-    return summary
+    return finish_training_step(out_dir, {
+        "miou": result["best_score"] if validated else None, "best_epoch": result["best_epoch"],
+        "epochs": result["epochs"], "rounds": rounds, "split": dataset_cfg.val_split,
+        "model": str(out_dir / "model.pt"), "export_config": str(out_dir / "export_config.yaml")},
+        started)
 
 
 def summary_line(summary: dict) -> str:

@@ -7,23 +7,20 @@ optionally a CRF, and the uint8 mask of class ids at the image's size.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model_training.common.auto_thresholds import IRNET_VALUES, resolve_auto
+from model_training.common.auto_thresholds import IRNET_VALUES
 from model_training.common.config import AutoFloat, ConfigError, resolve_device
 from model_training.common.crf import IRNET_PARAMS, crf_inference
-from model_training.common.datasets import build_source
+from model_training.common.image_step import start_image_step
+from model_training.common.image_step import summary_line as image_summary_line
 from model_training.common.models.irnet import load_irnet, predict_boundary
-from model_training.common.provenance import claim_folder
-from model_training.common.step_io import (STEP_DIRS, atomic_write, clear_done, finish_image_step,
-                                           ids_with_inputs, image_summary_line, load_cams,
-                                           pending_ids, run_over_images, save_png, shard_ids,
-                                           step_dir)
+from model_training.common.step_io import (STEP_DIRS, atomic_write, load_cams, run_over_images,
+                                           save_png, step_dir)
 from model_training.common.transforms import image_to_tensor
 
 from .random_walk import background_seed, pseudo_mask_from_rw, random_walk
@@ -31,7 +28,7 @@ from .random_walk import background_seed, pseudo_mask_from_rw, random_walk
 SHARDABLE = True
 
 DEFAULTS = {
-    "pseudo": {
+    "pseudo_masks": {
         "split": "train",
         "checkpoint": None,  # None: <work_dir>/4_irn/best.pt
         "radius": 5,  # path-index radius of the walk
@@ -109,42 +106,35 @@ def step_inputs(cfg) -> dict[str, Path]:
     """What this step reads (``provenance``): step 2's CAMs and IRNet (step 4's folder, or
     the checkpoint file named)."""
     return {"cams": Path(cfg.work_dir) / STEP_DIRS[2],
-            "irn": Path(cfg.pseudo.checkpoint) if cfg.pseudo.checkpoint
+            "irn": Path(cfg.pseudo_masks.checkpoint) if cfg.pseudo_masks.checkpoint
             else Path(cfg.work_dir) / STEP_DIRS[4]}
 
 
 def run(cfg) -> dict:
     """Write ``5_pseudo_masks/<id>.png`` for every image with CAMs (resuming)."""
-    start = time.time()
-    if cfg.pseudo.background not in ("threshold", "walk"):
-        raise ConfigError(f"key 'pseudo.background' must be threshold or walk, "
-                          f"got {cfg.pseudo.background!r}")
-    checkpoint = Path(cfg.pseudo.checkpoint or step_dir(cfg.work_dir, 4) / "best.pt")
+    if cfg.pseudo_masks.background not in ("threshold", "walk"):
+        raise ConfigError(f"key 'pseudo_masks.background' must be threshold or walk, "
+                          f"got {cfg.pseudo_masks.background!r}")
+    checkpoint = Path(cfg.pseudo_masks.checkpoint or step_dir(cfg.work_dir, 4) / "best.pt")
     if not checkpoint.is_file():
-        raise ConfigError(f"key 'pseudo.checkpoint': IRNet checkpoint not found: {checkpoint}")
+        raise ConfigError(f"key 'pseudo_masks.checkpoint': IRNet checkpoint not found: {checkpoint}")
     device = resolve_device(cfg.device)
-    source = build_source(cfg.dataset, cfg.pseudo.split)
-    cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 5)
-    ids = shard_ids(source.ids, cfg.shard)
-    with_cams = ids_with_inputs(ids, cam_dir, ".npz", producer=2)
-    derived = resolve_auto(cfg, "pseudo", ("bg_thres", "bg_power"), cfg.pseudo.split)
-    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
-    clear_done(out_dir, cfg.shard)
-    maker = PseudoMaskMaker(checkpoint, device, cfg.pseudo)
-    todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
+    step = start_image_step(cfg, 5, cfg.pseudo_masks.split, ".png", DEFAULTS, step_inputs(cfg),
+                            reads_cams=True, auto_keys=("bg_thres", "bg_power"))
+    maker = PseudoMaskMaker(checkpoint, device, cfg.pseudo_masks)
+    cam_dir, out_dir = step_dir(cfg.work_dir, 2), step.out_dir
 
     def make(image_id: str) -> None:
-        mask, walked = maker(source.load_image(image_id), load_cams(cam_dir / f"{image_id}.npz"))
-        if cfg.pseudo.save_rw:  # before the mask: a mask on disk means the image is done
+        mask, walked = maker(step.source.load_image(image_id),
+                             load_cams(cam_dir / f"{image_id}.npz"))
+        if cfg.pseudo_masks.save_rw:  # before the mask: a mask on disk means the image is done
             atomic_write(out_dir / f"{image_id}.npz", lambda tmp: np.savez_compressed(
                 tmp, keys=walked["keys"], rw=walked["rw"].astype(np.float16)))
         save_png(out_dir / f"{image_id}.png", mask)
 
     with torch.no_grad():
-        written, failed = run_over_images(todo, make, "5 pseudo masks", cfg.on_error)
-    return finish_image_step(out_dir, cfg.shard, start, written, failed, len(with_cams) - len(todo),
-                             without_cams=len(ids) - len(with_cams),
-                             **({"auto": derived} if derived else {}))
+        written, failed = run_over_images(step.todo, make, "5 pseudo masks", cfg.on_error)
+    return step.finish(written, failed)
 
 
 def summary_line(summary: dict) -> str:

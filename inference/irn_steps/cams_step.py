@@ -7,7 +7,6 @@ files line up pixel for pixel with the image and its mask.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +15,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from model_training.common.config import ConfigError, resolve_device
-from model_training.common.datasets import build_source
+from model_training.common.image_step import start_image_step
+from model_training.common.image_step import summary_line as image_summary_line
 from model_training.common.models import load_cam_classifier
-from model_training.common.provenance import claim_folder
-from model_training.common.step_io import (STEP_DIRS, classifier_dir, clear_done, finish_image_step,
-                                           image_summary_line, pending_ids, run_over_images,
-                                           save_cams, shard_ids, step_dir)
+from model_training.common.step_io import STEP_DIRS, classifier_dir, run_over_images, save_cams
 from model_training.common.transforms import image_to_tensor
 
 from .cam import (CAM_STRIDE, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams, multiscale_cams,
@@ -32,7 +29,7 @@ CLASSIFIER_EPOCHS = ("best", "last")
 SHARDABLE = True
 
 DEFAULTS = {
-    "cam": {
+    "cams": {
         "split": "train",
         "checkpoint": None,  # None: <work_dir>/1_classifier/<classifier_epoch>.pt
         # best: the highest val mAP (best.pt); last: the final epoch's weights (last.pt), as
@@ -99,7 +96,7 @@ class CamExtractor:
     def __init__(self, checkpoint: Path, device: torch.device, cam_cfg):
         self.model = load_cam_classifier(checkpoint, device)
         if self.model.recam_head is not None and cam_cfg.target_layer:
-            raise ConfigError(f"key 'cam.target_layer': {checkpoint} is a ReCAM classifier, "
+            raise ConfigError(f"key 'cams.target_layer': {checkpoint} is a ReCAM classifier, "
                               f"whose maps come from its features only (set it to null)")
         self.cfg = cam_cfg
         self.device = device
@@ -132,16 +129,16 @@ class CamExtractor:
 
 
 def _check(cfg) -> list[Path]:
-    c = cfg.cam
+    c = cfg.cams
     for key, value, allowed in (("method", c.method, METHODS), ("labels", c.labels, LABEL_MODES),
                                 ("normalize", c.normalize, NORMALIZATIONS),
                                 ("classifier_epoch", c.classifier_epoch, CLASSIFIER_EPOCHS)):
         if value not in allowed:
-            raise ConfigError(f"key 'cam.{key}' must be one of {', '.join(allowed)}, got {value!r}")
+            raise ConfigError(f"key 'cams.{key}' must be one of {', '.join(allowed)}, got {value!r}")
     weights = f"{c.classifier_epoch}.pt"
-    checkpoints = [("cam.checkpoint", Path(c.checkpoint or classifier_dir(cfg.work_dir) / weights))]
-    checkpoints += [("cam.extra_checkpoints", Path(p)) for p in c.extra_checkpoints]
-    checkpoints += [("cam.extra_classifiers", classifier_dir(cfg.work_dir, v) / weights)
+    checkpoints = [("cams.checkpoint", Path(c.checkpoint or classifier_dir(cfg.work_dir) / weights))]
+    checkpoints += [("cams.extra_checkpoints", Path(p)) for p in c.extra_checkpoints]
+    checkpoints += [("cams.extra_classifiers", classifier_dir(cfg.work_dir, v) / weights)
                     for v in c.extra_classifiers]
     for key, path in checkpoints:
         if not path.is_file():
@@ -152,28 +149,23 @@ def _check(cfg) -> list[Path]:
 def step_inputs(cfg) -> dict[str, Path]:
     """What this step reads (``provenance``): step 1's folder (or the checkpoint named), and
     the extra classifiers' checkpoints or folders."""
-    inputs = {"classifier": Path(cfg.cam.checkpoint) if cfg.cam.checkpoint
+    inputs = {"classifier": Path(cfg.cams.checkpoint) if cfg.cams.checkpoint
               else classifier_dir(cfg.work_dir)}
-    inputs.update({f"extra_checkpoints[{i}]": Path(p) for i, p in enumerate(cfg.cam.extra_checkpoints)})
-    inputs.update({f"classifier_{v}": classifier_dir(cfg.work_dir, v) for v in cfg.cam.extra_classifiers})
+    inputs.update({f"extra_checkpoints[{i}]": Path(p) for i, p in enumerate(cfg.cams.extra_checkpoints)})
+    inputs.update({f"classifier_{v}": classifier_dir(cfg.work_dir, v) for v in cfg.cams.extra_classifiers})
     return inputs
 
 
 def run(cfg) -> dict:
-    """Write ``2_cams/<id>.npz`` for every image of ``cam.split`` (resuming); returns a summary."""
-    start = time.time()
+    """Write ``2_cams/<id>.npz`` for every image of ``cams.split`` (resuming); returns a summary."""
     checkpoints = _check(cfg)
     device = resolve_device(cfg.device)
-    source = build_source(cfg.dataset, cfg.cam.split)
-    out_dir = step_dir(cfg.work_dir, 2)
-    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
-    clear_done(out_dir, cfg.shard)
-    main = CamExtractor(checkpoints[0], device, cfg.cam)
+    step = start_image_step(cfg, 2, cfg.cams.split, ".npz", DEFAULTS, step_inputs(cfg))
+    main = CamExtractor(checkpoints[0], device, cfg.cams)
     # An excluded class's binary classifier adds its map where it predicts the class.
-    extras = [CamExtractor(path, device, cfg.cam) for path in checkpoints[1:]]
-    ids = shard_ids(source.ids, cfg.shard)
-    todo = pending_ids(ids, out_dir, ".npz", cfg.overwrite)
-    loader = DataLoader(_ImageList(source, todo), batch_size=None, num_workers=cfg.num_workers)
+    extras = [CamExtractor(path, device, cfg.cams) for path in checkpoints[1:]]
+    source = step.source
+    loader = DataLoader(_ImageList(source, step.todo), batch_size=None, num_workers=cfg.num_workers)
     background_only = []
 
     def extract(item) -> None:
@@ -181,18 +173,17 @@ def run(cfg) -> dict:
         if error is not None:
             raise OSError(error)
         labels = source.labels(image_id)
-        cams = main(image, labels, cfg.cam.labels)
+        cams = main(image, labels, cfg.cams.labels)
         for extra in extras:
             extra_cams = extra(image, labels, "confident")
             present = np.isin(extra_cams["keys"], cams["keys"], invert=True)
             cams = merge_cams(cams, {k: v[present] for k, v in extra_cams.items()})
-        save_cams(out_dir / f"{image_id}.npz", cams["keys"], cams["cam"], cams["high_res"])
+        save_cams(step.out_dir / f"{image_id}.npz", cams["keys"], cams["cam"], cams["high_res"])
         if len(cams["keys"]) == 0:
             background_only.append(image_id)
 
     written, failed = run_over_images(loader, extract, "2 cams", cfg.on_error)
-    return finish_image_step(out_dir, cfg.shard, start, written, failed, len(ids) - len(todo),
-                             background_only=len(background_only))
+    return step.finish(written, failed, background_only=len(background_only))
 
 
 def summary_line(summary: dict) -> str:

@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from model_training.common.config import ConfigError, StepError
-from model_training.common.datasets import build_source
-from model_training.common.provenance import claim_folder
-from model_training.common.step_io import (STEP_DIRS, atomic_write, clear_done, mark_done,
-                                           shard_ids, step_dir)
+from model_training.common.image_step import start_image_step
+from model_training.common.image_step import summary_line as image_summary_line
+from model_training.common.step_io import STEP_DIRS, atomic_write
 
 SUBMIT_DIR = Path(__file__).resolve().parent / "submit"
 
 SHARDABLE = True
 
 DEFAULTS = {
-    "submit": {
+    "predictions": {
         "split": None,  # None: dataset.test_split
         # The submission folder's own config (TTA scales, flip, input size, weights); None:
         # <work_dir>/6_segmentation/export_config.yaml, which step 6 writes beside model.pt.
@@ -32,8 +30,8 @@ DEFAULTS = {
 
 
 def predicted_split(cfg) -> str:
-    """The split step 7 predicts: ``submit.split``, else the dataset's test split."""
-    return cfg.submit.split or cfg.dataset.test_split
+    """The split step 7 predicts: ``predictions.split``, else the dataset's test split."""
+    return cfg.predictions.split or cfg.dataset.test_split
 
 
 def split_image_folder(cfg, source) -> tuple[Path, Path]:
@@ -62,22 +60,19 @@ def split_image_folder(cfg, source) -> tuple[Path, Path]:
 
 def step_inputs(cfg) -> dict[str, Path]:
     """What this step reads (``provenance``): step 6's folder, or the submission config named."""
-    return {"model": Path(cfg.submit.config) if cfg.submit.config
+    return {"model": Path(cfg.predictions.config) if cfg.predictions.config
             else Path(cfg.work_dir) / STEP_DIRS[6]}
 
 
 def run(cfg) -> dict:
     """Predict every image of ``predicted_split`` into ``7_predictions/``; returns a summary."""
-    start = time.time()
-    out_dir = step_dir(cfg.work_dir, 7)
-    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
-    clear_done(out_dir, cfg.shard)
-    source = build_source(cfg.dataset, predicted_split(cfg))
-    data_dir, ids_file = split_image_folder(cfg, source)
-    submit_config = Path(cfg.submit.config or step_dir(cfg.work_dir, 6) / "export_config.yaml")
+    submit_config = Path(cfg.predictions.config or Path(cfg.work_dir) / STEP_DIRS[6]
+                         / "export_config.yaml")
     if not submit_config.is_file():
-        raise ConfigError(f"key 'submit.config': submission config not found: {submit_config}")
-    command = [sys.executable, str(SUBMIT_DIR / "generate_predictions.py"), str(out_dir),
+        raise ConfigError(f"key 'predictions.config': submission config not found: {submit_config}")
+    step = start_image_step(cfg, 7, predicted_split(cfg), ".png", DEFAULTS, step_inputs(cfg))
+    data_dir, ids_file = split_image_folder(cfg, step.source)
+    command = [sys.executable, str(SUBMIT_DIR / "generate_predictions.py"), str(step.out_dir),
                str(data_dir), "--config", str(submit_config), "--device", cfg.device,
                "--ids", str(ids_file.resolve())]
     if cfg.shard:  # the script splits its shard again by torchrun rank, as shard_ids does
@@ -88,14 +83,9 @@ def run(cfg) -> dict:
     if result.returncode != 0:
         raise StepError(f"generate_predictions.py exited with code {result.returncode} "
                         f"(its own message is above)")
-    mine = shard_ids(source.ids, cfg.shard)
-    summary = {"written": sum((out_dir / f"{i}.png").is_file() for i in mine),
-               "split": source.split,
-               "seconds": round(time.time() - start, 2)}
-    mark_done(out_dir, summary, cfg.shard)
-    return summary
+    failed = [i for i in step.todo if not (step.out_dir / f"{i}.png").is_file()]
+    return step.finish(len(step.todo) - len(failed), failed, split=step.source.split)
 
 
 def summary_line(summary: dict) -> str:
-    return (f"{STEP_DIRS[7]}: {summary['written']} masks of split {summary['split']} "
-            f"({summary['seconds']} s)")
+    return f"{image_summary_line(STEP_DIRS[7], summary)}, split {summary['split']}"

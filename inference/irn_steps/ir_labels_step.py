@@ -2,24 +2,21 @@
 from __future__ import annotations
 
 import functools
-import time
 from pathlib import Path
 
-from model_training.common.auto_thresholds import IRNET_VALUES, resolve_auto
+from model_training.common.auto_thresholds import IRNET_VALUES
 from model_training.common.config import AutoFloat
 from model_training.common.crf import IRNET_PARAMS
-from model_training.common.datasets import build_source
-from model_training.common.provenance import claim_folder
-from model_training.common.step_io import (STEP_DIRS, clear_done, finish_image_step,
-                                           ids_with_inputs, image_summary_line, pending_ids,
-                                           shard_ids, step_dir)
+from model_training.common.image_step import start_image_step
+from model_training.common.image_step import summary_line as image_summary_line
+from model_training.common.step_io import STEP_DIRS, step_dir
 
 from .ir_labels import process_image, run_pool
 
 SHARDABLE = True
 
 DEFAULTS = {
-    "crf": {
+    "ir_labels": {
         "split": "train",
         # CAM scores above which a pixel is confident foreground / still background; auto:
         # from the CAMs' best background threshold (model_training/common/auto_thresholds.py)
@@ -54,24 +51,15 @@ def step_inputs(cfg) -> dict[str, Path]:
 
 def run(cfg) -> dict:
     """Write ``3_ir_labels/<id>.png`` for every image with CAMs (resuming); returns a summary."""
-    start = time.time()
-    source = build_source(cfg.dataset, cfg.crf.split)
-    cam_dir, out_dir = step_dir(cfg.work_dir, 2), step_dir(cfg.work_dir, 3)
-    ids = shard_ids(source.ids, cfg.shard)
-    with_cams = ids_with_inputs(ids, cam_dir, ".npz", producer=2)
-    derived = resolve_auto(cfg, "crf", ("conf_fg_thres", "conf_bg_thres"), cfg.crf.split)
-    claim_folder(out_dir, cfg, step_inputs(cfg), DEFAULTS)
-    clear_done(out_dir, cfg.shard)
-    todo = pending_ids(with_cams, out_dir, ".png", cfg.overwrite)
+    step = start_image_step(cfg, 3, cfg.ir_labels.split, ".png", DEFAULTS, step_inputs(cfg),
+                            reads_cams=True, auto_keys=("conf_fg_thres", "conf_bg_thres"))
     worker = functools.partial(
-        process_image, load_image=source.load_image, cam_dir=cam_dir, out_dir=out_dir,
-        conf_fg_thres=cfg.crf.conf_fg_thres, conf_bg_thres=cfg.crf.conf_bg_thres,
-        crf_params=crf_params(cfg.crf))
-    done, failed = run_pool(todo, worker, cfg.crf.num_workers, desc="3 ir labels",
+        process_image, load_image=step.source.load_image, cam_dir=step_dir(cfg.work_dir, 2),
+        out_dir=step.out_dir, conf_fg_thres=cfg.ir_labels.conf_fg_thres,
+        conf_bg_thres=cfg.ir_labels.conf_bg_thres, crf_params=crf_params(cfg.ir_labels))
+    done, failed = run_pool(step.todo, worker, cfg.ir_labels.num_workers, desc="3 ir labels",
                             on_error=cfg.on_error)
-    return finish_image_step(out_dir, cfg.shard, start, done, failed, len(with_cams) - len(todo),
-                             without_cams=len(ids) - len(with_cams),
-                             **({"auto": derived} if derived else {}))
+    return step.finish(done, failed)
 
 
 def summary_line(summary: dict) -> str:
