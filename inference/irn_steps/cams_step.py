@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from model_training.common.config import ConfigError, resolve_device
+from model_training.common.config import (AT_LEAST_1, FRACTION, POSITIVE, ConfigError, Schema,
+                                          resolve_device)
 from model_training.common.image_step import start_image_step
 from model_training.common.image_step import summary_line as image_summary_line
 from model_training.common.models import load_cam_classifier
@@ -28,7 +29,7 @@ CLASSIFIER_EPOCHS = ("best", "last")
 
 SHARDABLE = True
 
-DEFAULTS = {
+DEFAULTS = Schema({
     "cams": {
         "split": "train",
         "checkpoint": None,  # None: <work_dir>/1_classifier/<classifier_epoch>.pt
@@ -46,7 +47,11 @@ DEFAULTS = {
         "extra_checkpoints": [],  # binary classifiers of excluded classes: CAMs merged in
         "extra_classifiers": [],  # variants of step 1 (e.g. person): 1_classifier_<v>/
     },
-}
+}, ranges={
+    "cams.scales": POSITIVE,
+    "cams.threshold": FRACTION,
+    "cams.input_long_side": AT_LEAST_1,
+})
 
 
 class _ImageList(Dataset):

@@ -5,7 +5,8 @@ import functools
 from pathlib import Path
 
 from model_training.common.auto_thresholds import IRNET_VALUES
-from model_training.common.config import AutoFloat
+from model_training.common.config import (AT_LEAST_1, FRACTION, NON_NEGATIVE, OPEN_FRACTION,
+                                          POSITIVE, AutoFloat, Schema)
 from model_training.common.crf import IRNET_PARAMS
 from model_training.common.image_step import start_image_step
 from model_training.common.image_step import summary_line as image_summary_line
@@ -15,7 +16,7 @@ from .ir_labels import process_image, run_pool
 
 SHARDABLE = True
 
-DEFAULTS = {
+DEFAULTS = Schema({
     "ir_labels": {
         "split": "train",
         # CAM scores above which a pixel is confident foreground / still background; auto:
@@ -31,7 +32,15 @@ DEFAULTS = {
         "bilateral_compat": IRNET_PARAMS["bilateral"][2],
         "num_workers": None,  # None: one process per CPU core
     },
-}
+}, ranges={
+    "ir_labels.conf_*_thres": FRACTION,
+    "ir_labels.iterations": AT_LEAST_1,
+    "ir_labels.gt_prob": OPEN_FRACTION,  # the CRF takes log(p) and log(1 - p)
+    "ir_labels.*_sxy": POSITIVE,
+    "ir_labels.bilateral_srgb": POSITIVE,
+    "ir_labels.*_compat": NON_NEGATIVE,
+    "ir_labels.num_workers": NON_NEGATIVE,
+})
 
 
 def crf_params(crf_cfg) -> dict:

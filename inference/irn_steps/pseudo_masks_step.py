@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from model_training.common.auto_thresholds import IRNET_VALUES
-from model_training.common.config import AutoFloat, ConfigError, resolve_device
+from model_training.common.config import (AT_LEAST_1, FRACTION, NON_NEGATIVE, OPEN_FRACTION,
+                                          POSITIVE, AutoFloat, ConfigError, Schema, resolve_device)
 from model_training.common.crf import IRNET_PARAMS, crf_inference
 from model_training.common.image_step import start_image_step
 from model_training.common.image_step import summary_line as image_summary_line
@@ -27,7 +28,7 @@ from .random_walk import background_seed, pseudo_mask_from_rw, random_walk
 
 SHARDABLE = True
 
-DEFAULTS = {
+DEFAULTS = Schema({
     "pseudo_masks": {
         "split": "train",
         "checkpoint": None,  # None: <work_dir>/4_irn/best.pt
@@ -50,7 +51,16 @@ DEFAULTS = {
         # and rw float16 (maps, h, w), the walked maps on the walk's grid, before the argmax
         "save_rw": False,
     },
-}
+}, ranges={
+    "pseudo_masks.radius": AT_LEAST_1,
+    "pseudo_masks.beta": POSITIVE,
+    "pseudo_masks.exp_times": NON_NEGATIVE,
+    "pseudo_masks.bg_thres": FRACTION,
+    "pseudo_masks.bg_power": POSITIVE,
+    "pseudo_masks.input_long_side": AT_LEAST_1,
+    "pseudo_masks.crf_iterations": AT_LEAST_1,
+    "pseudo_masks.crf_gt_prob": OPEN_FRACTION,  # the CRF takes log(p) and log(1 - p)
+})
 
 
 def _resize_maps(maps: torch.Tensor, size) -> torch.Tensor:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from model_training.common import distributed
-from model_training.common.config import COMMON_DEFAULTS, Config, ConfigError, merge_defaults
+from model_training.common.config import (AT_LEAST_1, COMMON_DEFAULTS, FRACTION, NON_NEGATIVE,
+                                          POSITIVE, Config, ConfigError, Schema, merge_defaults)
 from model_training.common.datasets import (ImageLoadError, ImageSource, build_source,
                                             labels_to_vector)
 from model_training.common.datasets.voc import read_id_list
@@ -34,7 +35,7 @@ from model_training.common.transforms import build_transform
 
 SHARDABLE = False
 
-DEFAULTS: dict[str, Any] = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, {
+DEFAULTS = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, Schema({
     "variant": "",  # non-empty: write to 1_classifier_<variant> (e.g. a binary "person" model)
     "model": {
         "backbone": "tf_efficientnet_lite0",  # resnet50 | vgg16 | any timm model
@@ -70,7 +71,18 @@ DEFAULTS: dict[str, Any] = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, {
         "batch_size": 32,
         "threshold": 0.5,  # sigmoid threshold of the F1 scores
     },
-})
+}, ranges={
+    "data.resize_long": AT_LEAST_1,
+    "data.scale_range": POSITIVE,
+    "data.crop_size": NON_NEGATIVE,  # 0: no crop
+    "data.color_jitter": NON_NEGATIVE,
+    "data.repeat_threshold": FRACTION,
+    "loss.max_pos_weight": POSITIVE,
+    "loss.negative_weight": NON_NEGATIVE,
+    "loss.recam_weight": NON_NEGATIVE,
+    "val.batch_size": AT_LEAST_1,
+    "val.threshold": FRACTION,
+}))
 
 
 # ---- classes and images -------------------------------------------------------------------

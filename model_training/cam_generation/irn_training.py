@@ -9,12 +9,12 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from torch.utils.data import DataLoader, Dataset
 
 from model_training.common import distributed
-from model_training.common.config import COMMON_DEFAULTS, ConfigError, merge_defaults
+from model_training.common.config import (AT_LEAST_1, COMMON_DEFAULTS, NON_NEGATIVE, POSITIVE,
+                                          ConfigError, Schema, merge_defaults)
 from model_training.common.datasets import build_source
 from model_training.common.models import check_backbone_keys, weights_error_names
 from model_training.common.models.irnet import build_irnet
@@ -28,7 +28,7 @@ from .irn_targets import affinity_targets, irn_losses, label_to_stride
 
 SHARDABLE = False
 
-DEFAULTS: dict[str, Any] = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, {
+DEFAULTS = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, Schema({
     "irn": {
         "split": "train",
         "backbone": "resnet50",  # resnet50 | vgg16 | any timm model
@@ -45,7 +45,13 @@ DEFAULTS: dict[str, Any] = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, {
         "hflip": True,
     },
     "train": {"epochs": 3, "batch_size": 32, "lr": 0.1},
-})
+}, ranges={
+    "irn.displacement_lr_mult": POSITIVE,
+    "irn.radius": AT_LEAST_1,
+    "data.resize_long": AT_LEAST_1,
+    "data.scale_range": POSITIVE,
+    "data.crop_size": NON_NEGATIVE,  # 0 is refused with a reason when the step starts
+}))
 
 
 class IRLabelDataset(Dataset):

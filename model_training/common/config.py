@@ -20,37 +20,6 @@ from inference.segmentation.submit import generate_predictions as submit
 
 BASE_KEY = "_base_"
 
-# Keys shared by every step; the per-dataset ``common.yaml`` sets them.
-COMMON_DEFAULTS: dict[str, Any] = {
-    "work_dir": "runs/default",
-    "device": "auto",
-    "seed": 0,
-    "overwrite": False,
-    "num_workers": 2,
-    "on_error": "skip",  # skip | stop: what a step does with a bad image
-    "shard": "",  # i/n: an inference step does every n-th image from the i-th; "": all
-    "dataset": {
-        "name": "toy",
-        "root": None,
-        "class_names": None,
-        # voc: a VOC-style folder without classes.txt has the 21 VOC 2012 classes (else an error)
-        "classes": "",
-        "train_split": "train",
-        "val_split": "val",
-        "test_split": "test",
-        "labels_file": None,
-        "toy": {
-            "seed": 0,
-            "num_train": 800,
-            "num_val": 160,
-            "num_test": 80,
-            "image_size": [96, 128],
-            "missing_label_rate": 0.5,
-            "verified_only": False,  # train on the verified quarter, its labels complete
-        },
-    },
-}
-
 
 class AutoFloat(float):
     """A number default whose key also takes ``auto``: the step derives the value at run time
@@ -84,54 +53,55 @@ AT_LEAST_1 = Range(1)
 NON_NEGATIVE = Range(0)
 POSITIVE = Range(0, open_low=True)
 FRACTION = Range(0, 1)
+OPEN_FRACTION = Range(0, 1, open_low=True, open_high=True)
 
-# Allowed values of every number key, by dotted name ("*" matches anything); a list key has
-# each item checked. Checked when a config loads, so a value that would train nothing or
-# stack-trace later stops the step first.
-RANGES: dict[str, Range] = {
-    "*seed": NON_NEGATIVE,
-    "*num_workers": NON_NEGATIVE,
+
+class Schema(dict):
+    """A step's settings: the nested defaults (their types; a comment says why each differs
+    from the obvious) and, in ``ranges``, the values its number keys allow by dotted name
+    ("*" matches anything; a list key has each item checked). Checked when a config loads,
+    so a value that would train nothing or stack-trace later stops the step first."""
+
+    def __init__(self, defaults: Mapping = (), ranges: Mapping[str, Range] | None = None):
+        super().__init__(defaults)
+        self.ranges = dict(ranges or {})
+
+
+# Keys shared by every step; the per-dataset ``common.yaml`` sets them.
+COMMON_DEFAULTS = Schema({
+    "work_dir": "runs/default",
+    "device": "auto",
+    "seed": 0,
+    "overwrite": False,
+    "num_workers": 2,
+    "on_error": "skip",  # skip | stop: what a step does with a bad image
+    "shard": "",  # i/n: an inference step does every n-th image from the i-th; "": all
+    "dataset": {
+        "name": "toy",
+        "root": None,
+        "class_names": None,
+        # voc: a VOC-style folder without classes.txt has the 21 VOC 2012 classes (else an error)
+        "classes": "",
+        "train_split": "train",
+        "val_split": "val",
+        "test_split": "test",
+        "labels_file": None,
+        "toy": {
+            "seed": 0,
+            "num_train": 800,
+            "num_val": 160,
+            "num_test": 80,
+            "image_size": [96, 128],
+            "missing_label_rate": 0.5,
+            "verified_only": False,  # train on the verified quarter, its labels complete
+        },
+    },
+}, ranges={
+    "seed": NON_NEGATIVE,
+    "num_workers": NON_NEGATIVE,
+    "dataset.toy.seed": NON_NEGATIVE,
     "dataset.toy.num_*": AT_LEAST_1,
-    "train.epochs": AT_LEAST_1,
-    "*.batch_size": AT_LEAST_1,
-    "train.lr": POSITIVE,
-    "*lr_mult": POSITIVE,
-    "train.momentum": FRACTION,
-    "train.weight_decay": NON_NEGATIVE,
-    "train.poly_power": NON_NEGATIVE,
-    "train.step_epochs": AT_LEAST_1,
-    "train.step_gamma": POSITIVE,
-    "train.grad_clip": NON_NEGATIVE,
-    "train.val_every": AT_LEAST_1,
-    "data.resize_long": AT_LEAST_1,
-    "data.scale_range": POSITIVE,
-    "data.crop_size": NON_NEGATIVE,  # 0: no crop (step 1); steps 4 and 6 need one and say so
-    "data.color_jitter": NON_NEGATIVE,
-    "data.repeat_threshold": FRACTION,
-    "*input_long_side": AT_LEAST_1,
-    "*scales": POSITIVE,
-    "loss.max_pos_weight": POSITIVE,
-    "loss.negative_weight": NON_NEGATIVE,
-    "loss.recam_weight": NON_NEGATIVE,
-    "loss.class_weights": NON_NEGATIVE,
-    "loss.class_head_weight": NON_NEGATIVE,
-    "export.class_gate": FRACTION,
-    "val.threshold": FRACTION,
-    "val.max_images": NON_NEGATIVE,
-    "cams.threshold": FRACTION,
-    "*_thres": FRACTION,
-    "*gt_prob": Range(0, 1, open_low=True, open_high=True),  # the CRF takes log(p), log(1 - p)
-    "*iterations": AT_LEAST_1,
-    "ir_labels.*_sxy": POSITIVE,
-    "ir_labels.bilateral_srgb": POSITIVE,
-    "ir_labels.*_compat": NON_NEGATIVE,
-    "*radius": AT_LEAST_1,
-    "pseudo_masks.beta": POSITIVE,
-    "pseudo_masks.exp_times": NON_NEGATIVE,
-    "pseudo_masks.bg_power": POSITIVE,
-    "self_training.rounds": AT_LEAST_1,
-    "self_training.min_probability": Range(0, 1, open_high=True),
-}
+})
 
 
 class StepError(Exception):
@@ -159,11 +129,12 @@ class Config(dict):
         return {k: v.to_dict() if isinstance(v, Config) else v for k, v in self.items()}
 
 
-def merge_defaults(*parts: Mapping) -> dict:
-    """Deep-merge default dicts (later wins): a step's defaults on top of COMMON_DEFAULTS."""
-    merged: dict = {}
+def merge_defaults(*parts: Mapping) -> Schema:
+    """Deep-merge schemas (later wins): a step's defaults and ranges on top of COMMON_DEFAULTS."""
+    merged = Schema()
     for part in parts:
         _deep_update(merged, copy.deepcopy(dict(part)))
+        merged.ranges.update(getattr(part, "ranges", {}))
     return merged
 
 
@@ -264,8 +235,10 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
     return value
 
 
-def _validate(values: Mapping, defaults: Mapping, prefix: str, source: str) -> dict:
-    """The checked values (not yet merged): an unknown key or a wrong type raises ConfigError."""
+def _validate(values: Mapping, defaults: Mapping, prefix: str, source: str,
+              ranges: Mapping[str, Range]) -> dict:
+    """The checked values (not yet merged): an unknown key, a wrong type or a number out of
+    its range raises ConfigError."""
     checked: dict = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
@@ -275,15 +248,16 @@ def _validate(values: Mapping, defaults: Mapping, prefix: str, source: str) -> d
         if isinstance(default, dict) and default:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"key '{dotted}' must be a mapping, got {value!r}")
-            checked[key] = _validate(value, default, dotted + ".", source)
+            checked[key] = _validate(value, default, dotted + ".", source, ranges)
         else:
-            checked[key] = _check_range(dotted, _check_type(dotted, value, default), default)
+            checked[key] = _check_range(dotted, _check_type(dotted, value, default), default,
+                                        ranges)
     return checked
 
 
-def _check_range(key: str, value: Any, default: Any) -> Any:
-    """``value`` (each item of a list) within the key's RANGES entry, if it has one."""
-    allowed = next((r for pattern, r in RANGES.items() if fnmatchcase(key, pattern)), None)
+def _check_range(key: str, value: Any, default: Any, ranges: Mapping[str, Range]) -> Any:
+    """``value`` (each item of a list) within the key's range, if it has one."""
+    allowed = next((r for pattern, r in ranges.items() if fnmatchcase(key, pattern)), None)
     if allowed is None or value is None or (isinstance(default, AutoFloat) and value == AUTO):
         return value
     items = value if isinstance(value, list) else [value]
@@ -308,11 +282,13 @@ def load_config(
 ) -> Config:
     """Defaults <- YAML file (with ``_base_``) <- ``key=value`` overrides, all validated."""
     defaults = merge_defaults(COMMON_DEFAULTS, defaults or {})
-    from_file = _validate(read_yaml(path), defaults, "", str(path)) if path is not None else {}
+    ranges = defaults.ranges
+    from_file = (_validate(read_yaml(path), defaults, "", str(path), ranges)
+                 if path is not None else {})
     patch: dict = {}
     for text in overrides:
         _set_dotted(patch, *parse_override(text))
-    from_cli = _validate(patch, defaults, "", "command-line overrides")
+    from_cli = _validate(patch, defaults, "", "command-line overrides", ranges)
     cfg = merge_defaults(defaults, from_file, from_cli)
     check_paths(cfg)
     parse_shard(cfg.get("shard"))

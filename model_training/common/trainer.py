@@ -31,13 +31,13 @@ from model_training.common.step_io import atomic_write, clear_done, mark_done
 
 from . import distributed
 from .checkpoints import read_checkpoint
-from .config import ConfigError, StepError
+from .config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, Schema, StepError
 from .distributed import (barrier, broadcast_from_main, gather_from_ranks, is_main, mean_over_ranks,
                           rank, world_size)
 from .provenance import claim_folder
 
 # The ``train`` section every training step shares (plus the top-level ``resume`` key).
-TRAIN_DEFAULTS: dict[str, Any] = {
+TRAIN_DEFAULTS = Schema({
     "resume": False,  # continue from <step dir>/last.pt
     "train": {
         "epochs": 5,
@@ -56,7 +56,19 @@ TRAIN_DEFAULTS: dict[str, Any] = {
         "val_every": 1,  # validate every N epochs (and after the last)
         "sync_bn": False,  # torchrun on CUDA: BatchNorm statistics over every process's batch
     },
-}
+}, ranges={
+    "train.epochs": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.lr": POSITIVE,
+    "train.new_layer_lr_mult": POSITIVE,
+    "train.momentum": FRACTION,
+    "train.weight_decay": NON_NEGATIVE,
+    "train.poly_power": NON_NEGATIVE,
+    "train.step_epochs": AT_LEAST_1,
+    "train.step_gamma": POSITIVE,
+    "train.grad_clip": NON_NEGATIVE,
+    "train.val_every": AT_LEAST_1,
+})
 
 StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
 ValidateFn = Callable[[nn.Module], Mapping[str, Any]]

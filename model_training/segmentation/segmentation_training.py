@@ -31,7 +31,8 @@ from inference.segmentation.submit.generate_predictions import (checkpoint_metad
                                                                 split_outputs)
 from model_training.common import distributed
 from model_training.common.checkpoints import read_checkpoint
-from model_training.common.config import Config, ConfigError, merge_defaults
+from model_training.common.config import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Config,
+                                          ConfigError, Range, Schema, merge_defaults)
 from model_training.common.datasets import ImageLoadError, ImageSource, build_source
 from model_training.common.metrics import IGNORE_INDEX, ConfusionMatrix
 from model_training.common.models import weights_error_names
@@ -56,7 +57,7 @@ HEAD_PREFIXES = ("fc.", "classifier.", "head.", "last_linear.") + LITE_HEAD_PREF
 
 SHARDABLE = False
 
-DEFAULTS: dict[str, Any] = merge_defaults(TRAIN_DEFAULTS, {
+DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
     "mask_source": "pseudo",  # pseudo | gt (the fully supervised upper bound)
     "pseudo_mask_dir": None,  # folder of <id>.png; null = <work_dir>/5_pseudo_masks
     "model": {
@@ -99,7 +100,19 @@ DEFAULTS: dict[str, Any] = merge_defaults(TRAIN_DEFAULTS, {
         "lr": 0.01,
         "new_layer_lr_mult": 10.0,
     },
-})
+}, ranges={
+    "data.input_long_side": AT_LEAST_1,
+    "data.scale_range": POSITIVE,
+    "data.crop_size": NON_NEGATIVE,  # a multiple of the network's stride: checked at the start
+    "data.color_jitter": NON_NEGATIVE,
+    "loss.class_weights": NON_NEGATIVE,
+    "loss.class_head_weight": NON_NEGATIVE,
+    "self_training.rounds": AT_LEAST_1,
+    "self_training.min_probability": Range(0, 1, open_high=True),
+    "val.max_images": NON_NEGATIVE,
+    "export.scales": POSITIVE,
+    "export.class_gate": FRACTION,
+}))
 
 
 # ---- model --------------------------------------------------------------------------------
