@@ -99,6 +99,20 @@ def test_outputs_without_a_record_are_refused(tmp_path):
     claim_folder(tmp_path / "empty", _cfg(tmp_path), {}, DEFAULTS)  # nothing there yet: fine
 
 
+
+def test_a_claim_in_progress_is_not_an_output(tmp_path):
+    """Every torchrun rank claims the folder as a training step starts: what another rank's
+    claim has written so far (its config, its record, the temporary file of one) is not an
+    output of an older version."""
+    folder = tmp_path / "1_classifier"
+    claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
+    (folder / PROVENANCE_FILE).rename(folder / f".tmp.{PROVENANCE_FILE}")
+    claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)  # config.yaml and a temp file: fine
+    (folder / "best.pt").write_bytes(b"")
+    (folder / PROVENANCE_FILE).unlink()
+    with pytest.raises(ConfigError, match="no provenance.json"):
+        claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
+
 def test_resume_may_raise_the_epochs_but_not_change_other_settings(tmp_path):
     folder = tmp_path / "1_classifier"
     claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)

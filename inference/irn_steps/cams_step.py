@@ -20,10 +20,10 @@ from model_training.common.image_step import start_image_step
 from model_training.common.image_step import summary_line as image_summary_line
 from model_training.common.models import load_cam_classifier
 from model_training.common.step_io import STEP_DIRS, classifier_dir, run_over_images, save_cams
-from model_training.common.transforms import image_to_tensor
+from model_training.common.transforms import network_input
 
-from .cam import (CAM_STRIDE, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams, multiscale_cams,
-                  select_outputs)
+from .cam import (CAM_STRIDE, DEFAULT_SCALES, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams,
+                  multiscale_cams, select_outputs)
 
 CLASSIFIER_EPOCHS = ("best", "last")
 
@@ -37,7 +37,7 @@ DEFAULTS = Schema({
         # IRNet's CAMs use; also for extra_classifiers
         "classifier_epoch": "best",
         "method": "gradcam++",  # cam | gradcam | gradcam++
-        "scales": [1.0, 0.5, 1.5, 2.0],
+        "scales": list(DEFAULT_SCALES),  # IRNet's
         "flip": True,
         "normalize": "class",  # class: each map by its own max | global: by the max over classes
         "labels": "gt",  # gt | pred | union: which classes get a map
@@ -69,15 +69,6 @@ class _ImageList(Dataset):
             return image_id, self.source.load_image(image_id), None
         except Exception as err:  # noqa: BLE001 - reported by the consumer
             return image_id, None, str(err)
-
-
-def _network_input(image: np.ndarray, long_side: int | None) -> torch.Tensor:
-    tensor = image_to_tensor(image)
-    if long_side and max(image.shape[:2]) != long_side:
-        scale = long_side / max(image.shape[:2])
-        size = (round(image.shape[0] * scale), round(image.shape[1] * scale))
-        tensor = F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False)[0]
-    return tensor
 
 
 def _to_image_size(maps: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +105,7 @@ class CamExtractor:
         """Maps for ``mode`` gt | pred | union; ``confident`` = union without the top-1
         fallback, for a binary classifier that must say nothing when it sees nothing."""
         cfg = self.cfg
-        tensor = _network_input(image, cfg.input_long_side)
+        tensor = network_input(image, cfg.input_long_side)
         logits = self._logits(tensor) if mode != "gt" else None
         if mode == "confident":
             probs = logits.float().sigmoid().cpu().numpy()

@@ -22,7 +22,7 @@ from model_training.common.image_step import summary_line as image_summary_line
 from model_training.common.models.irnet import load_irnet, predict_boundary
 from model_training.common.step_io import (STEP_DIRS, atomic_write, load_cams, run_over_images,
                                            save_png, step_dir)
-from model_training.common.transforms import image_to_tensor
+from model_training.common.transforms import network_input
 
 from .random_walk import background_seed, pseudo_mask_from_rw, random_walk
 
@@ -81,10 +81,7 @@ class PseudoMaskMaker:
         height, width = image.shape[:2]
         if len(cams["keys"]) == 0:  # no class in the image: nothing to walk
             return np.zeros((height, width), np.uint8), {"keys": cams["keys"], "rw": cams["cam"]}
-        tensor = image_to_tensor(image)
-        if cfg.input_long_side and max(height, width) != cfg.input_long_side:
-            scale = cfg.input_long_side / max(height, width)
-            tensor = _resize_maps(tensor, (round(height * scale), round(width * scale)))
+        tensor = network_input(image, cfg.input_long_side)
         boundary = predict_boundary(self.model, tensor.to(self.device), cfg.flip)
         keys = cams["keys"]
         on_image_grid = tensor.shape[1:] == (height, width)

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 from model_training.common.config import COMMON_DEFAULTS, ConfigError, merge_defaults
 
-from .step_io import DONE_FILE, atomic_write, save_config
+from .step_io import DONE_FILE, TEMP_PREFIX, atomic_write, save_config
 
 PROVENANCE_FILE = "provenance.json"
 
@@ -109,7 +109,11 @@ def differences(recorded: Mapping, wanted: Mapping, defaults: Mapping) -> list[s
 
 
 def _holds_outputs(folder: Path) -> bool:
-    return folder.is_dir() and any(p.name not in ("config.yaml", "tb") for p in folder.iterdir())
+    """Whether ``folder`` holds a step's outputs: not merely the files a claim writes, nor
+    the temporary file of one in progress (another torchrun rank may be claiming it now)."""
+    return folder.is_dir() and any(
+        p.name not in ("config.yaml", "tb", PROVENANCE_FILE) and not p.name.startswith(TEMP_PREFIX)
+        for p in folder.iterdir())
 
 
 def stale_reasons(folder: str | os.PathLike, cfg: Mapping, inputs: Mapping,

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -112,3 +113,15 @@ def image_to_tensor(image: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> 
     mean_t = torch.tensor(mean, dtype=tensor.dtype).view(3, 1, 1)
     std_t = torch.tensor(std, dtype=tensor.dtype).view(3, 1, 1)
     return (tensor - mean_t) / std_t
+
+
+def network_input(image: np.ndarray, long_side: int | None = None) -> torch.Tensor:
+    """``image_to_tensor``, resized (bilinear) to ``long_side`` when one is given: steps 2
+    and 5 upscale small images so that stride-16 maps get more cells."""
+    tensor = image_to_tensor(image)
+    height, width = image.shape[:2]
+    if long_side and max(height, width) != long_side:
+        scale = long_side / max(height, width)
+        size = (round(height * scale), round(width * scale))
+        tensor = F.interpolate(tensor[None], size=size, mode="bilinear", align_corners=False)[0]
+    return tensor
