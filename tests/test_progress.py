@@ -23,10 +23,10 @@ def test_a_line_per_tenth_with_the_latest_postfix(capsys):
 
 
 def test_few_items_print_once_each(capsys):
-    list(progress(["a", "b", "c"], "3 ir labels", unit="img"))
+    list(progress(["a", "b", "c"], "3_ir_labels", unit="img"))
     assert _lines(capsys.readouterr().err) == [
-        "3 ir labels: 1/3 img (33%), Ts", "3 ir labels: 2/3 img (66%), Ts",
-        "3 ir labels: 3/3 img (100%), Ts"]
+        "3_ir_labels: 1/3 img (33%), Ts", "3_ir_labels: 2/3 img (66%), Ts",
+        "3_ir_labels: 3/3 img (100%), Ts"]
 
 
 def test_unknown_length_prints_at_the_end(capsys):
@@ -45,13 +45,13 @@ def test_a_warning_is_a_line_of_its_own(capsys):
         if image_id == "b":
             raise OSError("cannot read image")
 
-    assert run_over_images(["a", "b"], fail_on_b, "2 cams") == (1, ["b"])
+    assert run_over_images(["a", "b"], fail_on_b, "2_cams") == (1, ["b"])
     assert _lines(capsys.readouterr().err) == [
-        "2 cams: 1/2 img (50%), Ts", "warning: b: cannot read image", "2 cams: 2/2 img (100%), Ts"]
+        "2_cams: 1/2 img (50%), Ts", "warning: b: cannot read image", "2_cams: 2/2 img (100%), Ts"]
 
 
 def test_a_terminal_keeps_the_tqdm_bar(monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-    bar = progress(range(3), "2 cams", unit="img")
-    assert isinstance(bar, tqdm) and bar.desc == "2 cams" and bar.unit == "img"
+    bar = progress(range(3), "2_cams", unit="img")
+    assert isinstance(bar, tqdm) and bar.desc == "2_cams" and bar.unit == "img"
     bar.close()

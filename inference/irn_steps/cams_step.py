@@ -178,7 +178,7 @@ def run(cfg) -> dict:
         if len(cams["keys"]) == 0:
             background_only.append(image_id)
 
-    written, failed = run_over_images(loader, extract, "2 cams", cfg.on_error)
+    written, failed = run_over_images(loader, extract, STEP_DIRS[2], cfg.on_error)
     return step.finish(written, failed, background_only=len(background_only))
 
 

@@ -66,7 +66,7 @@ def run(cfg) -> dict:
         process_image, load_image=step.source.load_image, cam_dir=step_dir(cfg.work_dir, 2),
         out_dir=step.out_dir, conf_fg_thres=cfg.ir_labels.conf_fg_thres,
         conf_bg_thres=cfg.ir_labels.conf_bg_thres, crf_params=crf_params(cfg.ir_labels))
-    done, failed = run_pool(step.todo, worker, cfg.ir_labels.num_workers, desc="3 ir labels",
+    done, failed = run_pool(step.todo, worker, cfg.ir_labels.num_workers, desc=STEP_DIRS[3],
                             on_error=cfg.on_error)
     return step.finish(done, failed)
 

@@ -140,7 +140,7 @@ def run(cfg) -> dict:
         save_png(out_dir / f"{image_id}.png", mask)
 
     with torch.no_grad():
-        written, failed = run_over_images(step.todo, make, "5 pseudo masks", cfg.on_error)
+        written, failed = run_over_images(step.todo, make, STEP_DIRS[5], cfg.on_error)
     return step.finish(written, failed)
 
 

@@ -28,7 +28,7 @@ def progress(items: Iterable, desc: str, total: int | None = None, unit: str = "
 
 
 class ProgressLines:
-    """A loop's progress as plain stderr lines, ``2 cams: 40/400 img (10%), 3s``; a loop of
+    """A loop's progress as plain stderr lines, ``2_cams: 40/400 img (10%), 3s``; a loop of
     unknown length gets one line at its end."""
 
     def __init__(self, items: Iterable, desc: str, total: int | None = None, unit: str = "it",

@@ -413,7 +413,7 @@ def predict_training_masks(model: nn.Module, source: ImageSource, out_dir: Path,
         save_png(out_dir / f"{image_id}.png", label.to(torch.uint8).cpu().numpy())
 
     todo = pending_ids(source.ids, out_dir, ".png", overwrite)
-    run_over_images(todo, predict, "6 round masks", on_error)
+    run_over_images(todo, predict, f"{STEP_DIRS[6]} round masks", on_error)
     return out_dir
 
 
