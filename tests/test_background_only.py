@@ -79,3 +79,21 @@ def test_a_step_without_cams_is_one_error(work_dir, name, module):
         module.run(_config(name, module, work_dir))
     out_dir = work_dir / ("3_ir_labels" if module is ir_labels_step else "5_pseudo_masks")
     assert not out_dir.exists() or not any(out_dir.iterdir())  # nothing written, nothing marked done
+
+
+def test_unsure_margin_leaves_close_calls_unlabelled(work_dir):
+    """``pseudo_masks.unsure_margin`` only turns pixels to 255 (not trained on by step 6):
+    every other pixel keeps the label of the run without it."""
+    cams_step.run(_config("2_cams.yaml", cams_step, work_dir, "cams.scales=[1.0]", "cams.labels=gt"))
+    step5 = ("5_pseudo_masks.yaml", pseudo_masks_step, work_dir, "pseudo_masks.input_long_side=64")
+    pseudo_masks_step.run(_config(*step5))
+    ids = ToySource(seed=0, num_images=3, image_size=(40, 56), split="train").ids
+    labelled = {i: load_png(work_dir / "5_pseudo_masks" / f"{i}.png") for i in ids}
+    pseudo_masks_step.run(_config(*step5, "pseudo_masks.unsure_margin=0.2", "overwrite=true"))
+    unsure = 0
+    for image_id, full in labelled.items():
+        mask = load_png(work_dir / "5_pseudo_masks" / f"{image_id}.png")
+        sure = mask != 255
+        assert np.array_equal(mask[sure], full[sure])
+        unsure += int((~sure).sum())
+    assert 0 < unsure < 3 * 40 * 56

@@ -292,6 +292,14 @@ def test_report_scores_what_a_step_wrote_and_records_what_it_left_out(tmp_path):
     assert (pseudo["images"], pseudo["missing"], pseudo["miou"]) == (2, 1, pytest.approx(100.0))
     assert [(stages[k]["images"], stages[k]["missing"]) for k in ("cam", "ir_label", "segmentation")] \
         == [(3, 0), (3, 0), (2, 0)]
+    assert "coverage" not in pseudo  # every pixel labelled: scored as before
+
+    # pseudo_masks.unsure_margin: 255 pixels are left out of the score, their share reported
+    gt = train.load_mask(train.ids[0])
+    gt[:8] = 255
+    save_png(tmp_path / "5_pseudo_masks" / f"{train.ids[0]}.png", gt)
+    pseudo = score_stages(cfg, "train", "val")["pseudo_mask"]
+    assert pseudo["miou"] == pytest.approx(100.0) and 0 < pseudo["coverage"] < 100
 
 
 def test_json_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):

@@ -7,7 +7,8 @@ import torch
 
 from inference.irn_steps import pseudo_masks_step
 from inference.irn_steps.random_walk import (background_seed, pseudo_mask_from_rw, random_walk,
-                                             random_walk_dense_reference, transition_matrix)
+                                             random_walk_dense_reference, rw_scores,
+                                             transition_matrix, unsure_pixels)
 from model_training.common.config import ConfigError, load_config
 from model_training.common.path_index import PathIndex
 
@@ -157,3 +158,17 @@ def test_step_rejects_an_unknown_background_mode(tmp_path):
     with pytest.raises(ConfigError, match="pseudo_masks.background.*'flood'"):
         pseudo_masks_step.run(cfg)
     assert not any(tmp_path.iterdir())  # nothing written before the check
+
+
+def test_unsure_pixels_are_the_close_calls():
+    rw = torch.zeros(3, 2, 3)  # background, class 3, class 7; each map's max is 1
+    rw[0] = torch.tensor([[1.0, 0.5, 0.1], [0.2, 0.0, 0.0]])
+    rw[1] = torch.tensor([[0.0, 0.45, 1.0], [0.3, 0.6, 0.0]])
+    rw[2] = torch.tensor([[0.0, 0.0, 0.0], [1.0, 0.55, 0.0]])
+    scores, classes = rw_scores(rw, keys=[3, 7], bg_thres=None, stride=1, walked_background=True)
+    assert classes.tolist() == [0, 3, 7]
+    unsure = unsure_pixels(scores, margin=0.1)
+    # leads of 1.0, 0.05, 0.9 / 0.7, 0.05, 0.0 (a three-way tie at zero)
+    assert unsure.tolist() == [[False, True, False], [False, True, True]]
+    assert not unsure_pixels(scores, margin=0.0).any()
+    assert not unsure_pixels(scores[:1], margin=0.5).any()  # one channel: nothing to compare

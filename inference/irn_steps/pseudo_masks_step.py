@@ -3,7 +3,8 @@
 For every image: boundary map at stride 4 (flip TTA), the stride-4 CAMs spread by the
 sparse random walk inside the boundaries, background where no walked map reaches
 ``bg_thres`` (IRNet) or where a walked background map wins (``background: walk``),
-optionally a CRF, and the uint8 mask of class ids at the image's size.
+optionally a CRF, and the uint8 mask of class ids at the image's size; with
+``unsure_margin`` the walk's close calls are 255, which step 6 does not train on.
 """
 from __future__ import annotations
 
@@ -19,12 +20,13 @@ from model_training.common.config import (AT_LEAST_1, FRACTION, NON_NEGATIVE, OP
 from model_training.common.crf import IRNET_PARAMS, crf_inference
 from model_training.common.image_step import start_image_step
 from model_training.common.image_step import summary_line as image_summary_line
+from model_training.common.metrics import IGNORE_INDEX
 from model_training.common.models.irnet import load_irnet, predict_boundary
 from model_training.common.step_io import (STEP_DIRS, atomic_write, load_cams, run_over_images,
                                            save_png, step_dir)
 from model_training.common.transforms import network_input
 
-from .random_walk import background_seed, pseudo_mask_from_rw, random_walk
+from .random_walk import background_seed, random_walk, rw_scores, unsure_pixels
 
 SHARDABLE = True
 
@@ -47,6 +49,9 @@ DEFAULTS = Schema({
         "crf": False,  # refine the final masks with a dense CRF (the default kernels)
         "crf_iterations": IRNET_PARAMS["t"],
         "crf_gt_prob": IRNET_PARAMS["gt_prob"],
+        # > 0: pixels whose best walked score leads the second by less than this are 255
+        # (unsure: step 6 does not train on them); 0 labels every pixel, as IRNet
+        "unsure_margin": 0.0,
         # also write <id>.npz: keys (0 = the walked background, first, with background: walk)
         # and rw float16 (maps, h, w), the walked maps on the walk's grid, before the argmax
         "save_rw": False,
@@ -60,6 +65,7 @@ DEFAULTS = Schema({
     "pseudo_masks.input_long_side": AT_LEAST_1,
     "pseudo_masks.crf_iterations": AT_LEAST_1,
     "pseudo_masks.crf_gt_prob": OPEN_FRACTION,  # the CRF takes log(p) and log(1 - p)
+    "pseudo_masks.unsure_margin": FRACTION,
 })
 
 
@@ -95,9 +101,10 @@ class PseudoMaskMaker:
             seeds = torch.cat([background_seed(seeds, cfg.bg_power), seeds])
         walked = random_walk(seeds, boundary, cfg.beta, cfg.exp_times, cfg.radius).cpu()
         # a rescaled image's walk is resized straight to the image, not through stride 4
-        mask = pseudo_mask_from_rw(walked, keys, cfg.bg_thres, out_size=(height, width),
-                                   stride=4 if on_image_grid else None,
-                                   walked_background=walk_background)
+        scores, class_of_channel = rw_scores(walked, keys, cfg.bg_thres, out_size=(height, width),
+                                             stride=4 if on_image_grid else None,
+                                             walked_background=walk_background)
+        mask = class_of_channel[scores.argmax(dim=0).numpy()]
         if cfg.crf and len(keys):
             class_of_label = np.concatenate([[0], keys]).astype(np.uint8)
             label_of_class = {int(c): i for i, c in enumerate(class_of_label)}
@@ -105,6 +112,7 @@ class PseudoMaskMaker:
             refined = crf_inference(image, labels, len(class_of_label), **{
                 **IRNET_PARAMS, "t": cfg.crf_iterations, "gt_prob": cfg.crf_gt_prob})
             mask = class_of_label[refined]
+        mask[unsure_pixels(scores, cfg.unsure_margin)] = IGNORE_INDEX
         rw_keys = np.concatenate([[0], keys]) if walk_background else keys
         return mask, {"keys": rw_keys.astype(np.int64), "rw": walked.numpy()}
 

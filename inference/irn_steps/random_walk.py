@@ -155,22 +155,21 @@ def background_seed(cams: torch.Tensor, power: float = 1.0) -> torch.Tensor:
     return (1 - cams.amax(dim=0, keepdim=True)).clamp_min(0).pow(power)
 
 
-def pseudo_mask_from_rw(
+def rw_scores(
     rw: torch.Tensor | np.ndarray,
     keys: Sequence[int] | np.ndarray,
     bg_thres: float | None,
     out_size: tuple[int, int] | None = None,
     stride: int | None = 4,
     walked_background: bool = False,
-) -> np.ndarray:
-    """Walked maps (K, h, w) of classes `keys` -> uint8 (H, W) mask of class ids.
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Walked maps (K, h, w) of classes `keys` -> ((K + 1, H, W) scores, class id of each).
 
     As IRNet's make_sem_seg_labels: upsample by `stride` (bilinear), crop to `out_size`,
-    divide by the global max, add a constant background channel `bg_thres`, argmax.
+    divide by the global max, add a constant background channel `bg_thres`.
     ``stride=None`` resizes straight to `out_size` (maps on another grid than the image's).
     With ``walked_background`` the first of K + 1 maps is a walked background
-    (`background_seed`): every map is divided by its own max and the argmax decides
-    (`bg_thres` unused: None).
+    (`background_seed`): every map is divided by its own max (`bg_thres` unused: None).
     """
     rw = torch.as_tensor(rw, dtype=torch.float32)
     keys = np.asarray(keys, dtype=np.int64).reshape(-1)
@@ -187,15 +186,29 @@ def pseudo_mask_from_rw(
         height, width = out_size or (rw.shape[1] * stride, rw.shape[2] * stride)
         if rw.shape[1] * stride < height or rw.shape[2] * stride < width:
             raise ValueError(f"rw {tuple(rw.shape)} at stride {stride} cannot cover {out_size}")
+    class_of_channel = np.concatenate([[0], keys]).astype(np.uint8)
     if len(keys) == 0:
-        return np.zeros((height, width), np.uint8)
+        return torch.ones(1, height, width), class_of_channel
     up = F.interpolate(rw[None], size=(height, width) if stride is None else None,
                        scale_factor=stride, mode="bilinear", align_corners=False)
     up = up[0, :, :height, :width]
     if walked_background:
-        scores = up / up.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-    else:
-        up = up / up.max().clamp_min(1e-12)
-        scores = F.pad(up, (0, 0, 0, 0, 1, 0), value=bg_thres)
-    class_of_channel = np.concatenate([[0], keys]).astype(np.uint8)
+        return up / up.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12), class_of_channel
+    up = up / up.max().clamp_min(1e-12)
+    return F.pad(up, (0, 0, 0, 0, 1, 0), value=bg_thres), class_of_channel
+
+
+def unsure_pixels(scores: torch.Tensor, margin: float) -> np.ndarray:
+    """(H, W) bool: where the best of `rw_scores` leads the second by less than `margin`
+    (the walk's class borders); nothing with one channel or margin 0."""
+    if len(scores) < 2 or margin <= 0:
+        return np.zeros(scores.shape[1:], bool)
+    top2 = scores.topk(2, dim=0).values
+    return ((top2[0] - top2[1]) < margin).cpu().numpy()
+
+
+def pseudo_mask_from_rw(rw, keys, bg_thres, **placement) -> np.ndarray:
+    """Walked maps (K, h, w) of classes `keys` -> uint8 (H, W) mask of class ids: the argmax
+    of `rw_scores` (`placement`: its out_size, stride, walked_background)."""
+    scores, class_of_channel = rw_scores(rw, keys, bg_thres, **placement)
     return class_of_channel[scores.argmax(dim=0).cpu().numpy()]

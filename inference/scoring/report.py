@@ -42,8 +42,9 @@ def score_stages(cfg, train_split: str, val_split: str) -> dict:
                                    unsure_label=255, class_names=names, allow_missing=True)
         stages["ir_label"] = _stage(ir, coverage=ir["coverage"])
         pseudo = evaluate_label_folder(work_dir / STEP_DIRS[5], train.load_mask, n, train.ids,
-                                       class_names=names, allow_missing=True)
-        stages["pseudo_mask"] = _stage(pseudo)
+                                       unsure_label=255, class_names=names, allow_missing=True)
+        unsure = pseudo["coverage"] is not None and pseudo["coverage"] < 100  # unsure_margin
+        stages["pseudo_mask"] = _stage(pseudo, **({"coverage": pseudo["coverage"]} if unsure else {}))
     val = build_source(cfg.dataset, val_split)
     if val.has_masks:
         for key, folder in (("segmentation", work_dir), ("gt_bound", work_dir / GT_BOUND_DIR)):
@@ -103,7 +104,8 @@ def _stage_cell(key: str, stage: dict) -> str:
     if key == "ir_label":
         return f"IR labels (train, confident; coverage {stage['coverage']:.1f} %)"
     if key == "pseudo_mask":
-        return "pseudo masks (train)"
+        coverage = f", labelled; coverage {stage['coverage']:.1f} %" if "coverage" in stage else ""
+        return f"pseudo masks (train{coverage})"
     if key == "gt_bound":
         return f"same step 6 on ground truth ({stage.get('split', 'val')})"
     ratio = stage.get("of_gt_bound")
