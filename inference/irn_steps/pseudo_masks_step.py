@@ -104,14 +104,11 @@ class PseudoMaskMaker:
         scores, class_of_channel = rw_scores(walked, keys, cfg.bg_thres, out_size=(height, width),
                                              stride=4 if on_image_grid else None,
                                              walked_background=walk_background)
-        mask = class_of_channel[scores.argmax(dim=0).numpy()]
+        channels = scores.argmax(dim=0).numpy()  # the CRF's labels: channel indices
         if cfg.crf and len(keys):
-            class_of_label = np.concatenate([[0], keys]).astype(np.uint8)
-            label_of_class = {int(c): i for i, c in enumerate(class_of_label)}
-            labels = np.vectorize(label_of_class.get)(mask)
-            refined = crf_inference(image, labels, len(class_of_label), **{
+            channels = crf_inference(image, channels, len(class_of_channel), **{
                 **IRNET_PARAMS, "t": cfg.crf_iterations, "gt_prob": cfg.crf_gt_prob})
-            mask = class_of_label[refined]
+        mask = class_of_channel[channels]
         mask[unsure_pixels(scores, cfg.unsure_margin)] = IGNORE_INDEX
         rw_keys = np.concatenate([[0], keys]) if walk_background else keys
         return mask, {"keys": rw_keys.astype(np.int64), "rw": walked.numpy()}
