@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from inference.irn_steps import pseudo_masks_step
-from inference.irn_steps.random_walk import (background_seed, pseudo_mask_from_rw, random_walk,
+from inference.irn_steps.random_walk import (background_seed, random_walk,
                                              random_walk_dense_reference, rw_scores,
                                              transition_matrix, unsure_pixels)
 from model_training.common.config import ConfigError, load_config
@@ -15,6 +15,12 @@ from model_training.common.path_index import PathIndex
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STEP = load_config(None, [], pseudo_masks_step.DEFAULTS).pseudo_masks  # step 5's defaults: IRNet's
 WALK = {"beta": STEP.beta, "exp_times": STEP.exp_times, "radius": STEP.radius}
+
+
+def pseudo_mask_from_rw(rw, keys, bg_thres, **placement) -> np.ndarray:
+    """The mask step 5 writes without CRF or margin: the argmax of `rw_scores` as class ids."""
+    scores, class_of_channel = rw_scores(rw, keys, bg_thres, **placement)
+    return class_of_channel[scores.argmax(dim=0).numpy()]
 
 
 def _inputs(seed: int, size: tuple[int, int], num_maps: int = 3):

@@ -81,7 +81,7 @@ def random_walk(
     """Propagate (K, h, w) maps over an (h, w) boundary map; returns (K, h, w) float32.
 
     `cams` are the maps to spread (IRNet walks the foreground CAMs of the image's classes
-    and adds background afterwards, see `pseudo_mask_from_rw`; AffinityNet walks a
+    and adds background afterwards, see `rw_scores`; AffinityNet walks a
     `background_seed` with them); `boundary` is IRNet's
     sigmoid edge output at the same stride. Runs on the device of `boundary`.
     """
@@ -205,10 +205,3 @@ def unsure_pixels(scores: torch.Tensor, margin: float) -> np.ndarray:
         return np.zeros(scores.shape[1:], bool)
     top2 = scores.topk(2, dim=0).values
     return ((top2[0] - top2[1]) < margin).cpu().numpy()
-
-
-def pseudo_mask_from_rw(rw, keys, bg_thres, **placement) -> np.ndarray:
-    """Walked maps (K, h, w) of classes `keys` -> uint8 (H, W) mask of class ids: the argmax
-    of `rw_scores` (`placement`: its out_size, stride, walked_background)."""
-    scores, class_of_channel = rw_scores(rw, keys, bg_thres, **placement)
-    return class_of_channel[scores.argmax(dim=0).cpu().numpy()]
