@@ -112,10 +112,9 @@ def run_steps(step_configs, label: str = "") -> dict:
 
 
 def run_gt_bound(config_dir: Path, overrides: list[str], work_dir) -> float:
-    """Steps 6-7 again with ``mask_source=gt`` (one round: there is nothing to self-train on)
-    in ``<work_dir>/gt_bound``; returns their seconds."""
-    bound_overrides = [*overrides, f"work_dir={Path(work_dir) / GT_BOUND_DIR}", "mask_source=gt",
-                       "self_training.rounds=1"]
+    """Steps 6-7 again with ``mask_source=gt`` in ``<work_dir>/gt_bound``; returns their
+    seconds."""
+    bound_overrides = [*overrides, f"work_dir={Path(work_dir) / GT_BOUND_DIR}", "mask_source=gt"]
     step_configs = exit_on_config_error(load_step_configs, config_dir, bound_overrides)
     seconds = exit_on_config_error(
         run_steps, [s for s in step_configs if s[0] in (STEP_DIRS[6], STEP_DIRS[7])],

@@ -90,7 +90,7 @@ def test_shard_flag_only_for_inference_steps(tmp_path, capsys):
     (3, "inference.irn_steps.crf_cam_processing", "ir_labels: split="),
     (4, "model_training.cam_generation.train_irn", "irn: split="),
     (5, "inference.irn_steps.irn_inference", "pseudo_masks: split="),
-    (6, "model_training.segmentation.train_segmentation", "self_training: rounds="),
+    (6, "model_training.segmentation.train_segmentation", "loss: class_weights="),
     (7, "inference.segmentation.predict", "predictions: split="),
 ])
 def test_each_step_help_is_its_own(step, script, section, capsys):

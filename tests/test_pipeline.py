@@ -181,24 +181,23 @@ def test_changed_step3_threshold_is_refused_then_redone_with_overwrite(tiny_run,
 
 
 def test_gt_bound_trains_steps_6_and_7_on_ground_truth_only(tiny_run, tmp_path):
-    """The bound trains one round even where the config self-trains (here steps 6-7 of the
-    run itself self-train, from steps 1-5 of the shared run)."""
+    """Steps 6-7 of the run on its pseudo masks (steps 1-5 from the shared run), then again on
+    the ground truth in gt_bound/."""
     work_dir = tmp_path
     _copy_steps(tiny_run[0], work_dir, 5)
     proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / "toy"),
-                           f"work_dir={work_dir}", *TINY, "self_training.rounds=2", "--gt-bound"],
+                           f"work_dir={work_dir}", *TINY, "--gt-bound"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("finished earlier: skipped") == 5
     assert "[gt_bound/6_segmentation] running" in proc.stdout
     assert "[gt_bound/7_predictions] running" in proc.stdout
-    assert (work_dir / "6_segmentation" / "round1" / "masks").is_dir()
+    assert "mask_source: pseudo" in (work_dir / "6_segmentation" / "config.yaml").read_text()
     bound = work_dir / "gt_bound"
     steps = sorted(p.name for p in bound.iterdir() if p.is_dir() and p.name[0].isdigit())
     assert steps == ["6_segmentation", "7_predictions"]
     bound_config = (bound / "6_segmentation" / "config.yaml").read_text()
-    assert "mask_source: gt" in bound_config and "rounds: 1" in bound_config
-    assert not (bound / "6_segmentation" / "round1").exists()
+    assert "mask_source: gt" in bound_config
     report = json.loads((work_dir / "report.json").read_text())
     stages = report["stages"]
     assert stages["segmentation"]["of_gt_bound"] == pytest.approx(

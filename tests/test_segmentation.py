@@ -250,72 +250,15 @@ def test_encoder_weights_file_in_efficientnet_pytorch_naming_is_renamed(tmp_path
 def test_model_settings_are_checked():
     with pytest.raises(ConfigError, match="model.arch"):
         seg.model_config_from(Config({"arch": "NoSuchNet", "encoder_name": "resnet50",
-                                      "encoder_output_stride": None, "class_head": False}), 3)
+                                      "encoder_output_stride": None}), 3)
     with pytest.raises(ConfigError, match="encoder_output_stride"):
         seg.model_config_from(Config({"arch": "Unet", "encoder_name": "resnet50",
-                                      "encoder_output_stride": 16, "class_head": False}), 3)
+                                      "encoder_output_stride": 16}), 3)
     config = seg.model_config_from(Config({"arch": "Unet", "encoder_name": "resnet18",
-                                           "encoder_output_stride": None, "class_head": False}), 3)
+                                           "encoder_output_stride": None}), 3)
     assert "encoder_output_stride" not in config
     with pytest.raises(ConfigError, match="encoder_name"):
         build_model({**config, "encoder_name": "tu-no_such_net"})
-
-
-class _FixedLogits(nn.Module):
-    """A 'network' whose logits favour class 3 everywhere, then background, then the rest."""
-
-    def __init__(self, num_classes: int = 7):
-        super().__init__()
-        self.bias = nn.Parameter(torch.zeros(num_classes))
-        with torch.no_grad():
-            self.bias[0], self.bias[3] = 1.0, 2.0
-
-    def forward(self, x):
-        return self.bias[None, :, None, None].expand(x.shape[0], -1, *x.shape[2:])
-
-
-def test_round_masks_keep_only_each_images_labels_and_leave_unsure_pixels_out(tmp_path):
-    cfg = tiny_config(tmp_path)
-    source = build_source(cfg.dataset, "train")
-    seg.predict_training_masks(_FixedLogits().eval(), source, tmp_path / "masks", None)
-    for image_id in source.ids:
-        mask = load_png(tmp_path / "masks" / f"{image_id}.png")
-        assert mask.shape == (48, 64)
-        expected = 3 if 3 in source.labels(image_id) else 0  # class 3 only where labelled
-        assert set(np.unique(mask)) == {expected}
-    probability = torch.tensor([1.0, 2.0]).softmax(0)[1].item()  # class 3 against background
-    seg.predict_training_masks(_FixedLogits().eval(), source, tmp_path / "strict", None,
-                               min_probability=probability + 0.01)
-    labelled = [i for i in source.ids if 3 in source.labels(i)]
-    assert labelled, "the toy split should show class 3 somewhere"
-    for image_id in labelled:
-        assert set(np.unique(load_png(tmp_path / "strict" / f"{image_id}.png"))) == {255}
-
-
-def test_two_rounds_train_the_second_on_the_first_ones_masks(tmp_path):
-    cfg = tiny_config(tmp_path, "self_training.rounds=2")
-    write_pseudo_masks(cfg)
-    result = seg.run(cfg)
-    out = tmp_path / "6_segmentation"
-    source = build_source(cfg.dataset, "train")
-    assert result["rounds"] == 2 and (out / "model.pt").is_file()
-    assert (out / "round1" / "best.pt").is_file() and (out / "round1" / "done.json").is_file()
-    masks = sorted(p.stem for p in (out / "round1" / "masks").glob("*.png"))
-    assert masks == sorted(source.ids)
-    for image_id in source.ids:  # restricted to the image's labels
-        present = set(np.unique(load_png(out / "round1" / "masks" / f"{image_id}.png")).tolist())
-        assert present <= {0, *source.labels(image_id)}
-    # a re-run with resume finds round 1 done and does not train it again
-    before = (out / "round1" / "best.pt").stat().st_mtime_ns
-    seg.run(tiny_config(tmp_path, "self_training.rounds=2", "resume=true"))
-    assert (out / "round1" / "best.pt").stat().st_mtime_ns == before
-
-
-def test_rounds_settings_are_checked(tmp_path):
-    with pytest.raises(ConfigError, match="self_training.rounds"):
-        seg.run(tiny_config(tmp_path, "self_training.rounds=0"))
-    with pytest.raises(ConfigError, match="mask_source: pseudo"):
-        seg.run(tiny_config(tmp_path, "self_training.rounds=2", "mask_source=gt"))
 
 
 def _one_bad_val_mask(monkeypatch) -> str:
@@ -346,25 +289,3 @@ def test_training_with_a_bad_val_mask_validates_on_the_rest(tmp_path, monkeypatc
     with pytest.raises(ConfigError, match="on_error=stop"):  # refused before any epoch
         seg.run(tiny_config(tmp_path / "stop", "mask_source=gt", "on_error=stop"))
     assert not (tmp_path / "stop" / "6_segmentation" / "last.pt").exists()
-
-
-def test_class_head_targets_are_the_classes_each_crop_shows():
-    masks = torch.tensor([[[0, 2], [255, 2]], [[1, 255], [3, 3]], [[255, 255], [255, 255]]])
-    assert seg.classes_in_masks(masks, 4).tolist() == [[0, 1, 0], [1, 0, 1], [0, 0, 0]]
-
-
-def test_class_head_trains_and_exports_its_gate(tmp_path):
-    cfg = tiny_config(tmp_path, "model.class_head=true", "export.class_gate=0.4")
-    write_pseudo_masks(cfg)
-    seg.run(cfg)
-    out = tmp_path / "6_segmentation"
-    assert yaml.safe_load((out / "export_config.yaml").read_text())["class_gate"] == 0.4
-    loaded = submit_model.load_checkpoint(out / "model.pt")
-    assert loaded.model_config["class_head"] is True
-    logits, class_logits = loaded.model(torch.zeros(1, 3, 64, 64))
-    assert logits.shape == (1, 7, 64, 64) and class_logits.shape == (1, 6)
-    header = (out / "metrics.csv").read_text().splitlines()[0]
-    assert "class_loss" in header and "pixel_loss" in header
-
-    with pytest.raises(ConfigError, match="export.class_gate' needs model.class_head"):
-        seg.run(tiny_config(tmp_path / "no_head", "mask_source=gt", "export.class_gate=0.4"))

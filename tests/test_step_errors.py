@@ -18,12 +18,11 @@ from inference.segmentation import predict
 from model_training.cam_generation import classifier_training, train_classifier, train_irn
 from model_training.common import step_io
 from model_training.common.checkpoints import read_checkpoint
-from model_training.common.config import Config, ConfigError, StepError, load_config
+from model_training.common.config import Config, ConfigError, StepError
 from model_training.common.models.irnet import load_irnet
 from model_training.common.provenance import claim_folder
 from model_training.common.step_io import (mark_done, read_done, run_over_images, save_cams,
                                            save_png, step_dir)
-from model_training.segmentation import segmentation_training
 from tests.conftest import REPO
 
 CONFIGS = REPO / "configs" / "toy"
@@ -186,23 +185,6 @@ def test_step5_irnet_checkpoint_cut_short(tmp_path):
     _spoil(path, "truncated")
     with pytest.raises(StepError, match="truncated: re-run step 4 with overwrite=true$"):
         load_irnet(path, "cpu")
-
-
-def test_step6_finished_round_with_a_garbage_best_pt(tmp_path, capsys):
-    step_dir(tmp_path, 5)
-    cfg = load_config(CONFIGS / "6_segmentation.yaml",
-                      [f"work_dir={tmp_path}", *TINY_TOY, "self_training.rounds=2"],
-                      segmentation_training.DEFAULTS)
-    # round 1 below was made by these settings
-    claim_folder(step_dir(tmp_path, 6), cfg, segmentation_training.step_inputs(cfg),
-                 segmentation_training.DEFAULTS)
-    round_dir = step_dir(tmp_path, 6) / "round1"
-    mark_done(round_dir, {"round": 1})
-    _spoil(round_dir / "best.pt", "random bytes")
-    err = _fails_with_one_line(train_segmentation, "6_segmentation.yaml", tmp_path, capsys,
-                               "self_training.rounds=2")
-    assert err == (f"error: {round_dir / 'best.pt'}: not a checkpoint this toolkit wrote, or "
-                   f"truncated: re-run step 6 with overwrite=true")
 
 
 def test_step7_exported_model_of_garbage(tmp_path, capfd):

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import sysconfig
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -224,54 +223,3 @@ def test_key_value_overrides_win_over_the_config_and_are_checked(tmp_path):
                          ("input_long_side=-3", "input_long_side must be")):
         with pytest.raises(gp.UsageError, match=re.escape(message)):
             gp.read_settings(gp.parse_args(["out", "data", bad]))
-
-
-def test_gate_zeroes_rejected_classes_and_renormalises():
-    probabilities = torch.tensor([[0.1, 0.5], [0.6, 0.2], [0.3, 0.3]]).view(3, 1, 2)
-    gated = gp.gate_classes(probabilities, torch.tensor([0.9, 0.2]), threshold=0.5)
-    torch.testing.assert_close(gated.view(3, 2), torch.tensor([[0.1 / 0.7, 0.5 / 0.7],
-                                                                [0.6 / 0.7, 0.2 / 0.7],
-                                                                [0.0, 0.0]]))
-    # background has no head output and is never gated: a pixel always has a class
-    nothing = gp.gate_classes(probabilities, torch.tensor([0.0, 0.0]), threshold=0.5)
-    assert torch.equal(nothing.argmax(0), torch.zeros(1, 2, dtype=torch.long))
-
-
-@pytest.fixture(scope="module")
-def headed(tmp_path_factory):
-    """A network with a class head whose bias rejects class 2 ("square") on any image."""
-    torch.manual_seed(0)
-    config = {**MODEL_CONFIG, "class_head": True}
-    network = gp.build_model(config).eval()
-    linear = next(m for m in network.classification_head if isinstance(m, torch.nn.Linear))
-    with torch.no_grad():
-        linear.weight.zero_()
-        linear.bias.copy_(torch.tensor([5.0, -5.0, 5.0]))
-    path = tmp_path_factory.mktemp("headed") / "model.pt"
-    torch.save(gp.make_checkpoint(network.state_dict(), config, CLASS_NAMES, MEAN, STD),
-               path)
-    return SimpleNamespace(network=network, path=path)
-
-
-def test_class_head_checkpoint_round_trips_and_gates(headed):
-    loaded = gp.load_checkpoint(headed.path)
-    assert loaded.model_config["class_head"] is True
-    image = torch.randn(1, 3, 40, 56)
-    plain = gp.predict_probabilities(loaded.model, image, [1.0, 0.75], flip=True)
-    torch.testing.assert_close(plain, gp.predict_probabilities(headed.network, image, [1.0, 0.75], flip=True))
-    gated = gp.predict_probabilities(loaded.model, image, [1.0, 0.75], flip=True, class_gate=0.5)
-    assert gated[2].abs().max() == 0 and plain[2].min() > 0
-    torch.testing.assert_close(gated.sum(0), torch.ones(40, 56))
-    kept = plain[[0, 1, 3]] / plain[[0, 1, 3]].sum(0, keepdim=True)
-    torch.testing.assert_close(gated[[0, 1, 3]], kept)
-
-
-def test_class_gate_without_a_class_head_is_one_line(checkpoint_file, tmp_path, capsys):
-    write_images(tmp_path / "images")
-    # key=value after the options, as README's example puts them
-    code = gp.main([str(tmp_path / "out"), str(tmp_path / "images"), "--weights",
-                           str(checkpoint_file), "--device", "cpu", "class_gate=0.5"])
-    assert code == 1 and not (tmp_path / "out").exists()
-    assert capsys.readouterr().err.strip().endswith("has no class head (train it with step 6 model.class_head: true)")
-    with pytest.raises(gp.UsageError, match="class_gate must be null or a number in"):
-        gp.apply_overrides(dict(gp.DEFAULTS), ["class_gate=1.5"])

@@ -18,21 +18,18 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import segmentation_models_pytorch as smp
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from inference.segmentation.submit.generate_predictions import DEFAULTS as SUBMIT_DEFAULTS
 from inference.segmentation.submit.generate_predictions import (checkpoint_metadata,
-                                                                class_head_params, make_checkpoint,
-                                                                network_stride,
-                                                                predict_probabilities,
-                                                                split_outputs)
+                                                                make_checkpoint, network_stride,
+                                                                predict_probabilities)
 from model_training.common import distributed
 from model_training.common.checkpoints import read_checkpoint
-from model_training.common.config import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, Config,
-                                          ConfigError, Range, Schema, merge_defaults)
+from model_training.common.config import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, Config, ConfigError,
+                                          Schema, merge_defaults)
 from model_training.common.datasets import ImageLoadError, ImageSource, build_source
 from model_training.common.metrics import IGNORE_INDEX, ConfusionMatrix
 from model_training.common.models import weights_error_names
@@ -40,11 +37,10 @@ from model_training.common.models.weights import (LITE_HEAD_PREFIXES, efficientn
                                                   is_efficientnet_lite, load_matching,
                                                   read_state_dict, rename_efficientnet_lite_keys)
 from model_training.common.progress import progress
-from model_training.common.step_io import (STEP_DIRS, atomic_write, load_png, mark_done,
-                                           pending_ids, read_done, report_failure, run_over_images,
-                                           save_png, step_dir)
+from model_training.common.step_io import (STEP_DIRS, atomic_write, load_png, report_failure,
+                                           step_dir)
 from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, finish_training_step,
-                                           seed_everything, seed_worker, start_training_step)
+                                           seed_worker, start_training_step)
 from model_training.common.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_transform,
                                               image_to_tensor)
 
@@ -65,9 +61,6 @@ DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
         "encoder_name": "tu-tf_efficientnet_lite0",  # any smp encoder, tu-<timm name> included
         "encoder_output_stride": 16,  # 8 | 16 where the arch takes it; null for other archs
         "encoder_weights": "imagenet",  # imagenet | none | <state-dict file>
-        # an image-level head (smp aux_params) trained on the classes each crop's mask shows;
-        # step 7 can then drop the classes it rejects for an image (export.class_gate)
-        "class_head": False,
     },
     "data": {
         "input_long_side": None,  # long side the network sees (train base, val, step 7); null = as is
@@ -78,13 +71,6 @@ DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
     },
     "loss": {
         "class_weights": None,  # null or one weight per class (background first)
-        "class_head_weight": 1.0,  # the class head's BCE, added to the pixel loss
-    },
-    "self_training": {
-        # 2+: train again, from the same initial weights, on the previous round's predictions
-        # of the training images restricted to each image's labels (no CAM involved)
-        "rounds": 1,
-        "min_probability": 0.0,  # those masks leave pixels below this top probability out
     },
     "val": {
         "max_images": 0,  # validate on the first N val images; 0 = all
@@ -92,7 +78,6 @@ DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
     "export": {  # test-time augmentation written to export_config.yaml for step 7
         "scales": list(SUBMIT_DEFAULTS["scales"]),
         "flip": SUBMIT_DEFAULTS["flip"],
-        "class_gate": None,  # with model.class_head: classes scored below this win no pixel
     },
     "train": {
         "epochs": 30,
@@ -106,12 +91,8 @@ DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
     "data.crop_size": NON_NEGATIVE,  # a multiple of the network's stride: checked at the start
     "data.color_jitter": NON_NEGATIVE,
     "loss.class_weights": NON_NEGATIVE,
-    "loss.class_head_weight": NON_NEGATIVE,
-    "self_training.rounds": AT_LEAST_1,
-    "self_training.min_probability": Range(0, 1, open_high=True),
     "val.max_images": NON_NEGATIVE,
     "export.scales": POSITIVE,
-    "export.class_gate": FRACTION,
 }))
 
 
@@ -133,8 +114,6 @@ def model_config_from(model_cfg: Config, num_classes: int) -> dict[str, Any]:
         if stride not in (8, 16):
             raise ConfigError(f"key 'model.encoder_output_stride' must be 8, 16 or null, got {stride!r}")
         config["encoder_output_stride"] = int(stride)
-    if model_cfg.class_head:
-        config["class_head"] = True
     return config
 
 
@@ -143,8 +122,6 @@ def build_model(model_config: Mapping[str, Any], encoder_weights: str = "none") 
     kwargs = {}
     if "encoder_output_stride" in model_config:
         kwargs["encoder_output_stride"] = model_config["encoder_output_stride"]
-    if model_config.get("class_head"):
-        kwargs["aux_params"] = class_head_params(model_config["num_classes"])
     encoder_name = model_config["encoder_name"]
     offline_lite = encoder_weights == "imagenet" and _lite_name(encoder_name) is not None
     smp_weights = "imagenet" if encoder_weights == "imagenet" and not offline_lite else None
@@ -281,14 +258,6 @@ class SegmentationDataset(Dataset):
         raise RuntimeError("no training image could be read")
 
 
-def classes_in_masks(masks: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """(B, num_classes - 1) float targets of the class head: which foreground classes each
-    training crop's mask shows (a pseudo mask holds only its image's labels)."""
-    ids = torch.where(masks == IGNORE_INDEX, 0, masks).flatten(1)  # ignore counts as background
-    present = torch.zeros(len(masks), num_classes, device=masks.device).scatter_(1, ids, 1.0)
-    return present[:, 1:]
-
-
 def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
                        pin_memory: bool) -> DataLoader:
     generator = torch.Generator()
@@ -355,8 +324,7 @@ def export_for_submission(out_dir: Path, checkpoint: Mapping, cfg: Config) -> Pa
     """``model.pt`` and a step-7 ``export_config.yaml`` that resizes as training did."""
     model_path = atomic_write(out_dir / "model.pt", lambda tmp: torch.save(dict(checkpoint), tmp))
     submit_cfg = {**SUBMIT_DEFAULTS, "weights": model_path.name, "scales": list(cfg.export.scales),
-                  "flip": bool(cfg.export.flip), "input_long_side": cfg.data.input_long_side,
-                  "class_gate": cfg.export.class_gate}
+                  "flip": bool(cfg.export.flip), "input_long_side": cfg.data.input_long_side}
     text = ("# Step-7 config for generate_predictions.py --config (written by step 6).\n"
             + yaml.safe_dump(submit_cfg, sort_keys=False))
     atomic_write(out_dir / "export_config.yaml", lambda tmp: Path(tmp).write_text(text))
@@ -373,8 +341,6 @@ def _check_settings(cfg: Config, num_classes: int) -> None:
     weights = cfg.loss.class_weights
     if weights is not None and (not isinstance(weights, list) or len(weights) != num_classes):
         raise ConfigError(f"key 'loss.class_weights' must be null or a list of {num_classes} numbers")
-    if cfg.export.class_gate is not None and not cfg.model.class_head:
-        raise ConfigError("key 'export.class_gate' needs model.class_head: true")
 
 
 def _check_crop(crop: int, stride: int) -> None:
@@ -383,43 +349,9 @@ def _check_crop(crop: int, stride: int) -> None:
         raise ConfigError(f"key 'data.crop_size' must be a multiple of the network stride {stride}, got {crop}")
 
 
-def _check_rounds(cfg: Config) -> None:
-    """The ranges of rounds and min_probability are checked when the config loads."""
-    if cfg.self_training.rounds > 1 and cfg.mask_source != "pseudo":
-        raise ConfigError("key 'self_training.rounds' above 1 needs mask_source: pseudo")
-
-
-@torch.inference_mode()
-def predict_training_masks(model: nn.Module, source: ImageSource, out_dir: Path,
-                           input_long_side: int | None, min_probability: float = 0.0,
-                           overwrite: bool = False, on_error: str = "skip") -> Path:
-    """The next round's masks: each training image's flip-averaged class probabilities, the
-    classes outside its image labels removed (background is always allowed), argmax; pixels
-    whose remaining top probability is below ``min_probability`` are 255 (not trained on).
-
-    ``model`` is expected in eval mode; images whose mask exists are kept (resume).
-    """
-    device = next(model.parameters()).device
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    def predict(image_id: str) -> None:
-        tensor = image_to_tensor(source.load_image(image_id))[None].to(device)
-        probs = predict_probabilities(model, tensor, [1.0], True, input_long_side)
-        allowed = torch.zeros(len(probs), dtype=torch.bool, device=device)
-        allowed[[0, *source.labels(image_id)]] = True
-        probs = probs * allowed[:, None, None]
-        top, label = (probs / probs.sum(0, keepdim=True).clamp_min(1e-12)).max(0)
-        label[top < min_probability] = IGNORE_INDEX
-        save_png(out_dir / f"{image_id}.png", label.to(torch.uint8).cpu().numpy())
-
-    todo = pending_ids(source.ids, out_dir, ".png", overwrite)
-    run_over_images(todo, predict, f"{STEP_DIRS[6]} round masks", on_error)
-    return out_dir
-
-
-def _fit_round(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path | None,
-               train_source: ImageSource, val_source: ImageSource, resume: bool) -> tuple[dict, dict]:
-    """Train one network on ``mask_dir`` (None: ground truth) into ``out_dir``; returns the
+def _train(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path | None,
+           train_source: ImageSource, val_source: ImageSource) -> dict:
+    """Train the network on ``mask_dir`` (None: ground truth) into ``out_dir``; returns the
     Trainer's result."""
     model_config = model_config_from(cfg.model, train_source.num_classes)
     model = build_model(model_config, cfg.model.encoder_weights).to(device)
@@ -440,14 +372,7 @@ def _fit_round(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path 
 
     def step_fn(net: nn.Module, batch) -> dict[str, torch.Tensor]:
         images, masks = batch
-        logits, class_logits = split_outputs(net(images))
-        pixel_loss = criterion(logits.float(), masks)
-        if class_logits is None:
-            return {"loss": pixel_loss}
-        class_loss = F.binary_cross_entropy_with_logits(
-            class_logits.float(), classes_in_masks(masks, train_source.num_classes))
-        return {"loss": pixel_loss + cfg.loss.class_head_weight * class_loss,
-                "pixel_loss": pixel_loss, "class_loss": class_loss}
+        return {"loss": criterion(net(images).float(), masks)}
 
     validate_fn = None
     if val_source.has_masks:
@@ -470,7 +395,7 @@ def _fit_round(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path 
     trainer = Trainer(distributed.wrap_model(model, device, cfg.train.sync_bn), groups,
                       loader, out_dir, cfg.train, device, step_fn=step_fn,
                       validate_fn=validate_fn, best_metric="miou" if validate_fn else None,
-                      checkpoint_fields=fields, resume=resume)
+                      checkpoint_fields=fields, resume=cfg.resume)
     return trainer.fit()
 
 
@@ -483,13 +408,9 @@ def step_inputs(cfg: Config) -> dict[str, Path]:
 
 
 def run(cfg: Config) -> dict:
-    """Train (``self_training.rounds`` times, each round on the previous one's label-restricted
-    predictions), validate and export the last round; returns its best val mIoU (percent) and
-    the file paths. Rounds before the last live in ``6_segmentation/round<r>/``."""
+    """Train, validate and export; returns the best val mIoU (percent) and the file paths."""
     started = time.time()
     out_dir = step_dir(cfg.work_dir, STEP)
-    rounds = cfg.self_training.rounds
-    _check_rounds(cfg)
     device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
     dataset_cfg = cfg.dataset
     train_source = build_source(dataset_cfg, dataset_cfg.train_split)
@@ -497,27 +418,7 @@ def run(cfg: Config) -> dict:
     mask_dir = mask_dir_for(cfg)
     _check_settings(cfg, train_source.num_classes)
 
-    for round_index in range(1, rounds):
-        round_dir = out_dir / f"round{round_index}"
-        if read_done(round_dir) is None or cfg.overwrite:
-            resume = cfg.resume and (round_dir / "last.pt").is_file()
-            _fit_round(cfg, device, round_dir, mask_dir, train_source, val_source, resume)
-            if distributed.is_main():
-                mark_done(round_dir, {"round": round_index})
-        if distributed.is_main():
-            best = read_checkpoint(round_dir / "best.pt", RERUN_STEP_6, keys=BEST_KEYS)
-            model = build_model(best["model_config"]).to(device)
-            model.load_state_dict(best["model"])
-            predict_training_masks(model.eval(), train_source, round_dir / "masks",
-                                   cfg.data.input_long_side,
-                                   cfg.self_training.min_probability, cfg.overwrite,
-                                   cfg.on_error)
-        distributed.barrier()
-        mask_dir = round_dir / "masks"
-        seed_everything(cfg.seed + distributed.rank())  # every round starts like the first
-
-    resume = cfg.resume and (out_dir / "last.pt").is_file()
-    result = _fit_round(cfg, device, out_dir, mask_dir, train_source, val_source, resume)
+    result = _train(cfg, device, out_dir, mask_dir, train_source, val_source)
     validated = val_source.has_masks
     if distributed.is_main():
         best = read_checkpoint(out_dir / "best.pt", RERUN_STEP_6, keys=BEST_KEYS)
@@ -526,7 +427,7 @@ def run(cfg: Config) -> dict:
         export_for_submission(out_dir, checkpoint, cfg)
     return finish_training_step(out_dir, {
         "miou": result["best_score"] if validated else None, "best_epoch": result["best_epoch"],
-        "epochs": result["epochs"], "rounds": rounds, "split": dataset_cfg.val_split,
+        "epochs": result["epochs"], "split": dataset_cfg.val_split,
         "model": str(out_dir / "model.pt"), "export_config": str(out_dir / "export_config.yaml")},
         started)
 

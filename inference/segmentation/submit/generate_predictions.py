@@ -17,8 +17,7 @@ Checkpoint format (written by step 6, ``torch.save``; read with ``weights_only=T
             "encoder_name": "resnet50",   # any smp encoder name, "tu-<timm name>" included
             "encoder_output_stride": 16,  # optional; only for archs that take it (DeepLabV3/V3+)
             "num_classes": 21,            # output channels, background (id 0) included
-            "class_head": True,           # optional; an image-level head (smp aux_params) that
-        },                                #   scores classes 1..num_classes-1 (class_gate)
+        },
         "class_names": ["background", ...],                 # len == num_classes
         "normalize": {"mean": [0.485, 0.456, 0.406],        # RGB, applied to pixels / 255
                       "std": [0.229, 0.224, 0.225]},
@@ -59,7 +58,6 @@ DEFAULTS: dict[str, Any] = {
     "scales": [0.75, 1.0, 1.25],
     "flip": True,
     "input_long_side": None,
-    "class_gate": None,
     "amp": True,
     "recursive": False,
 }
@@ -73,7 +71,7 @@ class UsageError(Exception):
 
 
 REQUIRED_MODEL_KEYS = ("arch", "encoder_name", "num_classes")
-OPTIONAL_MODEL_KEYS = ("encoder_output_stride", "class_head")
+OPTIONAL_MODEL_KEYS = ("encoder_output_stride",)
 REQUIRED_CHECKPOINT_KEYS = ("model", "model_config", "class_names", "normalize")
 
 
@@ -120,8 +118,6 @@ def build_model(model_config: dict[str, Any]) -> nn.Module:
         if arch_class is None or "encoder_output_stride" not in inspect.signature(arch_class).parameters:
             raise CheckpointError(f"arch {model_config['arch']} does not take encoder_output_stride")
         kwargs["encoder_output_stride"] = int(model_config["encoder_output_stride"])
-    if model_config.get("class_head"):
-        kwargs["aux_params"] = class_head_params(int(model_config["num_classes"]))
     try:
         return smp.create_model(
             model_config["arch"],
@@ -135,20 +131,6 @@ def build_model(model_config: dict[str, Any]) -> nn.Module:
         raise CheckpointError(
             f"cannot build {model_config['arch']} with encoder {model_config['encoder_name']}: {reason}"
         ) from error
-
-
-def class_head_params(num_classes: int) -> dict[str, Any]:
-    """smp's image-level head: global average pooling and a linear layer with one logit per
-    foreground class (background is never gated, so it has none)."""
-    return {"classes": num_classes - 1, "pooling": "avg", "dropout": None, "activation": None}
-
-
-def split_outputs(output) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(segmentation logits, image-level class logits or None): with a class head, smp
-    models return both."""
-    if isinstance(output, tuple):
-        return output[0], output[1]
-    return output, None
 
 
 def checkpoint_metadata(model_config: dict[str, Any], class_names: list[str], mean: list[float],
@@ -242,9 +224,6 @@ def _check_config(cfg: dict[str, Any], path: Path) -> None:
     long_side = cfg["input_long_side"]
     if long_side is not None and (not isinstance(long_side, int) or isinstance(long_side, bool) or long_side < 1):
         fail("input_long_side", "null or a positive integer")
-    gate = cfg["class_gate"]
-    if gate is not None and (not isinstance(gate, (int, float)) or isinstance(gate, bool) or not 0 <= gate <= 1):
-        fail("class_gate", "null or a number in [0, 1]")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -358,22 +337,12 @@ def network_stride(model: nn.Module) -> int:
     return int(getattr(getattr(model, "encoder", None), "output_stride", 32))
 
 
-def forward_padded(model: nn.Module, batch: torch.Tensor, stride: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logits, class logits or None) for any input size: zero-pad bottom/right to a
-    multiple of stride, crop the logits back."""
+def forward_padded(model: nn.Module, batch: torch.Tensor, stride: int) -> torch.Tensor:
+    """Logits for any input size: zero-pad bottom/right to a multiple of stride, crop the
+    logits back."""
     height, width = batch.shape[-2:]
     padded = F.pad(batch, (0, -width % stride, 0, -height % stride))
-    logits, class_logits = split_outputs(model(padded))
-    return logits[..., :height, :width], class_logits
-
-
-def gate_classes(probabilities: torch.Tensor, class_probabilities: torch.Tensor,
-                 threshold: float) -> torch.Tensor:
-    """Zero the maps of the foreground classes the image-level head puts below
-    ``threshold`` and renormalise: a class the image shows nowhere cannot win a pixel."""
-    keep = torch.cat([class_probabilities.new_ones(1), (class_probabilities >= threshold).float()])
-    gated = probabilities * keep[:, None, None]
-    return gated / gated.sum(0, keepdim=True).clamp_min(1e-12)
+    return model(padded)[..., :height, :width]
 
 
 @torch.inference_mode()
@@ -384,19 +353,16 @@ def predict_probabilities(
     flip: bool,
     input_long_side: int | None = None,
     amp: bool = False,
-    class_gate: float | None = None,
 ) -> torch.Tensor:
     """Class probabilities (K,H,W) at the image's size, averaged over scales (x flip).
 
     image: normalized (1,3,H,W). Each view is resized to (long side ->) input_long_side x
-    scale, its logits upsampled bilinearly back to (H,W) before the softmax. With
-    ``class_gate``, the model's class head (its sigmoids averaged over the views) removes
-    the classes it rejects (``gate_classes``).
+    scale, its logits upsampled bilinearly back to (H,W) before the softmax.
     """
     height, width = image.shape[-2:]
     stride = network_stride(model)
     base = 1.0 if input_long_side is None else input_long_side / max(height, width)
-    total = class_total = None
+    total = None
     for scale in scales:
         size = (max(1, round(height * base * scale)), max(1, round(width * base * scale)))
         view = image
@@ -405,28 +371,19 @@ def predict_probabilities(
         if flip:
             view = torch.cat([view, view.flip(-1)])
         with torch.autocast(device_type=image.device.type, enabled=amp):
-            logits, class_logits = forward_padded(model, view, stride)
-        if class_gate is not None:
-            if class_logits is None:
-                raise CheckpointError("class_gate needs a model with a class head (step 6 model.class_head)")
-            class_probabilities = class_logits.float().sigmoid().sum(dim=0)
-            class_total = class_probabilities if class_total is None else class_total.add_(class_probabilities)
-        logits = logits.float()
+            logits = forward_padded(model, view, stride).float()
         if flip:
             logits = torch.cat([logits[:1], logits[1:].flip(-1)])
         logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
         probabilities = logits.softmax(dim=1).sum(dim=0)
         total = probabilities if total is None else total.add_(probabilities)
-    views = len(scales) * (2 if flip else 1)
-    if class_gate is not None:
-        return gate_classes(total / views, class_total / views, class_gate)
-    return total / views
+    return total / (len(scales) * (2 if flip else 1))
 
 
 def predict_mask(model: nn.Module, image: torch.Tensor, cfg: dict[str, Any], amp: bool) -> np.ndarray:
     """uint8 (H,W) class ids for one normalized image."""
     probabilities = predict_probabilities(
-        model, image, cfg["scales"], cfg["flip"], cfg["input_long_side"], amp, cfg["class_gate"]
+        model, image, cfg["scales"], cfg["flip"], cfg["input_long_side"], amp
     )
     return probabilities.argmax(dim=0).to(torch.uint8).cpu().numpy()
 
@@ -523,8 +480,6 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"weights file not found: {weights}")
     device = resolve_device(cfg["device"])
     loaded = load_checkpoint(weights, device)
-    if cfg["class_gate"] is not None and not loaded.model_config.get("class_head"):
-        raise UsageError(f"class_gate: {weights} has no class head (train it with step 6 model.class_head: true)")
 
     shard = images[shard_index::shard_count]
     pending = [
