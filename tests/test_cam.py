@@ -1,4 +1,5 @@
-"""CAM library: closed form == autograd == pytorch-grad-cam, multiscale maps, labels, merging."""
+"""CAM library: closed form == autograd == pytorch-grad-cam (CAM, Grad-CAM, Grad-CAM++,
+LayerCAM), multiscale maps, labels, merging."""
 from __future__ import annotations
 
 import copy
@@ -7,17 +8,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM
+from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM
 from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from inference.irn_steps.cam import (METHODS, autograd_class_maps, class_maps, fast_class_maps,
-                                     merge_cams, multiscale_cams, predicted_outputs, select_outputs,
-                                     uses_fast_path)
+                                     geometric_mean, merge_cams, multiscale_cams, predicted_outputs,
+                                     select_outputs, uses_fast_path)
 
 NUM_OUTPUTS = 4
-REFERENCE = {"cam": HiResCAM, "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
+REFERENCE = {"cam": HiResCAM, "gradcam": GradCAM, "gradcam++": GradCAMPlusPlus,
+             "layercam": LayerCAM}
 
 
 class TinyCamNet(nn.Module):
@@ -251,3 +253,46 @@ def test_step2_takes_the_classifier_epoch_it_is_told(tmp_path):
         checkpoints("cams.classifier_epoch=last", "cams.extra_classifiers=[person]")
     with pytest.raises(ConfigError, match="key 'cams.classifier_epoch' must be one of best, last"):
         checkpoints("cams.classifier_epoch=final")
+
+
+def test_geometric_mean_keeps_only_what_both_maps_show(model):
+    image = torch.randn(3, 32, 40, generator=torch.Generator().manual_seed(6))
+    coarse = multiscale_cams(model, image, [0, 1], "cam")
+    fine = multiscale_cams(model, image, [0, 1], "layercam", target_layer="backbone.3")
+    fused = geometric_mean(coarse, fine)
+    for c, f, g in zip(coarse, fine, fused):
+        expected = np.sqrt(c * f)
+        np.testing.assert_allclose(g, expected / expected.max((1, 2), keepdims=True), atol=1e-6)
+        assert np.all(g[(c == 0) | (f == 0)] == 0) and np.all(g.reshape(2, -1).max(1) == 1)
+        assert np.abs(g - c).max() > 0.05  # the fine map moved it
+
+
+def test_step2_fine_layer_multiplies_in_a_finer_layercam(tmp_path):
+    """``cams.fine_layer``: step 2's maps are the geometric mean of ``cams.method``'s maps and
+    the LayerCAM maps of that layer; a layer the classifier lacks is a one-line error."""
+    from inference.irn_steps.cams_step import DEFAULTS, CamExtractor
+    from model_training.common.config import ConfigError, load_config
+    from model_training.common.models import build_cam_classifier
+    from model_training.common.transforms import network_input
+
+    torch.manual_seed(0)
+    classifier = build_cam_classifier("tf_efficientnet_lite0", "none", 16, class_ids=[1, 2, 3])
+    torch.save({"model": classifier.state_dict(), **classifier.checkpoint_fields()},
+               tmp_path / "last.pt")
+    layer = "backbone.model.blocks.2"  # stride 8
+
+    def extractor(fine_layer):
+        cfg = load_config(None, [f"work_dir={tmp_path}", "cams.method=cam", "cams.scales=[1.0]",
+                                 f"cams.fine_layer={fine_layer}"], DEFAULTS).cams
+        return CamExtractor(tmp_path / "last.pt", torch.device("cpu"), cfg)
+
+    image = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    got = extractor(layer)(image, [1, 3], "gt")
+    model, tensor = classifier.eval(), network_input(image, None)
+    coarse = multiscale_cams(model, tensor, [0, 2], "cam", [1.0])
+    fine = multiscale_cams(model, tensor, [0, 2], "layercam", [1.0], target_layer=layer)
+    assert got["keys"].tolist() == [1, 3]
+    np.testing.assert_allclose(got["high_res"], geometric_mean(coarse, fine).high_res, atol=1e-5)
+    assert np.abs(got["high_res"] - coarse.high_res).max() > 0.05
+    with pytest.raises(ConfigError, match="key 'cams.fine_layer': .* has no layer 'backbone.nope'"):
+        extractor("backbone.nope")

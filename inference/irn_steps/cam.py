@@ -16,6 +16,8 @@ Conventions shared by both paths (A the target activation (C,h,w), g = dS_c/dA, 
   gradcam    sum_k (sum_ij g_k) A_k
   gradcam++  sum_k (sum_ij alpha_k relu(g_k)) A_k,
              alpha = g^2 / (2 g^2 + g^3 sum_ab A_k(ab))   (pytorch-grad-cam's form)
+  layercam   n * sum_k relu(g_k) A_k   (Jiang et al. 2021: each position its own weight, so a
+             shallow, finer layer keeps its detail; relu(W_c) . A for a GAP-linear head)
 
 Grad-CAM sums the gradient where the paper averages it: the multi-scale sum adds maps of
 feature maps of different sizes, and the mean would weigh a 2x scale 16 times less than a
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("cam", "gradcam", "gradcam++")
+METHODS = ("cam", "gradcam", "gradcam++", "layercam")
 DEFAULT_SCALES = (1.0, 0.5, 1.5, 2.0)
 NORMALIZATIONS = ("class", "global")
 LABEL_MODES = ("gt", "pred", "union")
@@ -89,6 +91,8 @@ def fast_class_maps(model: nn.Module, images: torch.Tensor, output_indices: Sequ
                          "1x1-conv or linear model.classifier")
     feats = model.features(images)
     weight = weight[list(output_indices)].to(feats.dtype)  # (n, C)
+    if method == "layercam":
+        return torch.einsum("kc,bchw->bkhw", weight.relu(), feats)
     if method != "gradcam++":  # cam and gradcam coincide: sum_ij W/(hw) * hw = W
         return torch.einsum("kc,bchw->bkhw", weight, feats)
     # sum_ij alpha relu(g) with g = W/(hw) and sum_ab A = hw mean(A): relu(W) / (2 + W mean(A))
@@ -112,7 +116,8 @@ def _target_module(model: nn.Module, target_layer: str | None) -> nn.Module:
 
 def _map_from_gradient(method: str, act: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """One class's (B, h, w) map from the activation and dS/dA, both (B, C, h, w)."""
-    if method == "cam":
+    if method in ("cam", "layercam"):
+        grad = grad if method == "cam" else grad.relu()
         return (grad * act).sum(1) * (act.shape[2] * act.shape[3])
     if method == "gradcam":
         weights = grad.sum((2, 3), keepdim=True)
@@ -234,6 +239,15 @@ def multiscale_cams(model: nn.Module, image: torch.Tensor, output_indices: Seque
             total += F.interpolate(maps, size=out_size, mode="bilinear", align_corners=False)[0]
     return MultiscaleCams(_normalize(cam, normalize).cpu().numpy(),
                           _normalize(high_res, normalize).cpu().numpy())
+
+
+def geometric_mean(coarse: MultiscaleCams, fine: MultiscaleCams,
+                   normalize: str = "class") -> MultiscaleCams:
+    """sqrt(coarse * fine) of two normalised map sets of the same classes, normalised again:
+    high only where both are, so a finer layer's detail trims the coarse map's blobs (step 2's
+    ``cams.fine_layer``)."""
+    return MultiscaleCams(*(_normalize(torch.from_numpy(np.sqrt(a * b)), normalize).numpy()
+                            for a, b in zip(coarse, fine)))
 
 
 # ------------------------------------------------------------------- labels and merging

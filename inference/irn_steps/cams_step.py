@@ -22,8 +22,8 @@ from model_training.common.models import load_cam_classifier
 from model_training.common.step_io import STEP_DIRS, classifier_dir, run_over_images, save_cams
 from model_training.common.transforms import network_input
 
-from .cam import (CAM_STRIDE, DEFAULT_SCALES, LABEL_MODES, METHODS, NORMALIZATIONS, merge_cams,
-                  multiscale_cams, select_outputs)
+from .cam import (CAM_STRIDE, DEFAULT_SCALES, LABEL_MODES, METHODS, NORMALIZATIONS, geometric_mean,
+                  merge_cams, multiscale_cams, select_outputs)
 
 CLASSIFIER_EPOCHS = ("best", "last")
 
@@ -36,13 +36,16 @@ DEFAULTS = Schema({
         # best: the highest val mAP (best.pt); last: the final epoch's weights (last.pt), as
         # IRNet's CAMs use; also for extra_classifiers
         "classifier_epoch": "best",
-        "method": "gradcam++",  # cam | gradcam | gradcam++
+        "method": "gradcam++",  # cam | gradcam | gradcam++ | layercam
         "scales": list(DEFAULT_SCALES),  # IRNet's
         "flip": True,
         "normalize": "class",  # class: each map by its own max | global: by the max over classes
         "labels": "gt",  # gt | pred | union: which classes get a map
         "threshold": 0.5,  # sigmoid threshold of predicted labels
         "target_layer": None,  # None: the classifier's features (closed form); else autograd
+        # a finer layer (e.g. stride 8) whose LayerCAM maps multiply the maps above (geometric
+        # mean): its detail trims their blobs; None: off
+        "fine_layer": None,
         "input_long_side": None,  # upscale small images to this long side before the network
         "extra_checkpoints": [],  # binary classifiers of excluded classes: CAMs merged in
         "extra_classifiers": [],  # variants of step 1 (e.g. person): 1_classifier_<v>/
@@ -91,9 +94,13 @@ class CamExtractor:
 
     def __init__(self, checkpoint: Path, device: torch.device, cam_cfg):
         self.model = load_cam_classifier(checkpoint, device)
-        if self.model.recam_head is not None and cam_cfg.target_layer:
-            raise ConfigError(f"key 'cams.target_layer': {checkpoint} is a ReCAM classifier, "
-                              f"whose maps come from its features only (set it to null)")
+        for key in ("target_layer", "fine_layer"):
+            layer = cam_cfg[key]
+            if layer and self.model.recam_head is not None:
+                raise ConfigError(f"key 'cams.{key}': {checkpoint} is a ReCAM classifier, "
+                                  f"whose maps come from its features only (set it to null)")
+            if layer and layer not in dict(self.model.named_modules()):
+                raise ConfigError(f"key 'cams.{key}': {checkpoint} has no layer {layer!r}")
         self.cfg = cam_cfg
         self.device = device
 
@@ -115,6 +122,10 @@ class CamExtractor:
         outputs = select_outputs(mode, labels, self.model.class_ids, logits, cfg.threshold)
         maps = multiscale_cams(self.model, tensor, outputs, cfg.method, cfg.scales, cfg.flip,
                                cfg.target_layer, cfg.normalize)
+        if cfg.fine_layer:
+            fine = multiscale_cams(self.model, tensor, outputs, "layercam", cfg.scales, cfg.flip,
+                                   cfg.fine_layer, cfg.normalize)
+            maps = geometric_mean(maps, fine, cfg.normalize)
         height, width = image.shape[:2]
         if tensor.shape[1:] == (height, width):
             cam, high_res = maps.cam, maps.high_res
