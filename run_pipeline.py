@@ -16,28 +16,25 @@ fully supervised result the pseudo masks reach.
 from __future__ import annotations
 
 import argparse
+import importlib
 import time
 from pathlib import Path
 from types import ModuleType
 
-from inference.irn_steps import cams_step, ir_labels_step, pseudo_masks_step
 from inference.scoring.examples import write_examples
 from inference.scoring.report import (GT_BOUND_DIR, build_report, format_report, score_stages,
                                       write_report)
-from inference.segmentation import predictions_step
-from model_training.cam_generation import classifier_training, irn_training
+from model_training.common import steps
 from model_training.common.config import (COMMON_DEFAULTS, ConfigError, StepError, load_config,
                                           merge_defaults, parse_override)
 from model_training.common.datasets import build_source
 from model_training.common.provenance import stale_message, stale_reasons
 from model_training.common.step_cli import exit_on_config_error
 from model_training.common.step_io import STEP_DIRS, read_done
-from model_training.segmentation import segmentation_training
 
-# The step modules in running order: step n's config is ``<STEP_DIRS[n]>.yaml``, its outputs
-# go to ``<work_dir>/<STEP_DIRS[n]>/``.
-STEPS = [classifier_training, cams_step, ir_labels_step, irn_training, pseudo_masks_step,
-         segmentation_training, predictions_step]
+# The step modules in running order (model_training/common/steps.py): step n's config is
+# ``<STEP_DIRS[n]>.yaml``, its outputs go to ``<work_dir>/<STEP_DIRS[n]>/``.
+STEPS = [importlib.import_module(step.module) for step in steps.STEPS]
 
 
 def _has_key(defaults: dict, dotted: str) -> bool:
@@ -135,7 +132,7 @@ def main(argv=None) -> dict:
     cam_split = next(c for name, _, c in step_configs if name == STEP_DIRS[2]).cams.split
     if args.gt_bound:
         seconds[GT_BOUND_DIR] = run_gt_bound(args.config_dir, args.overrides, cfg.work_dir)
-    stages = exit_on_config_error(score_stages, cfg, cam_split, predictions_step.predicted_split(cfg))
+    stages = exit_on_config_error(score_stages, cfg, cam_split, STEPS[6].predicted_split(cfg))
     report = build_report(cfg, stages, seconds)
     write_report(report, cfg.work_dir)
     print(format_report(report))

@@ -1,4 +1,4 @@
-"""The import DAG of README's "Where step N lives": submit <- core <- steps, scoring <- run_pipeline.
+"""The step registry and the import DAG of docs/design.md: submit <- core <- steps, scoring <- run_pipeline.
 
 Every module of ``model_training/`` and ``inference/`` belongs to one group below; a module
 may import its own group and the groups listed as below it, nothing else. So the submission
@@ -10,26 +10,14 @@ from pathlib import Path
 
 import pytest
 
+from model_training.common.steps import STEP_DIRS, STEPS as REGISTRY
 from tests.conftest import REPO
 
 SUBMIT = ("inference.segmentation.submit",)
 CORE = ("model_training.common",)
-STEPS = {
-    "step 1": ("model_training.cam_generation.train_classifier",
-               "model_training.cam_generation.classifier_training"),
-    "step 2": ("inference.irn_steps.multiscale_cam", "inference.irn_steps.cams_step",
-               "inference.irn_steps.cam"),
-    "step 3": ("inference.irn_steps.crf_cam_processing", "inference.irn_steps.ir_labels_step",
-               "inference.irn_steps.ir_labels"),
-    "step 4": ("model_training.cam_generation.train_irn",
-               "model_training.cam_generation.irn_training",
-               "model_training.cam_generation.irn_targets"),
-    "step 5": ("inference.irn_steps.irn_inference", "inference.irn_steps.pseudo_masks_step",
-               "inference.irn_steps.random_walk"),
-    "step 6": ("model_training.segmentation.train_segmentation",
-               "model_training.segmentation.segmentation_training"),
-    "step 7": ("inference.segmentation.predict", "inference.segmentation.predictions_step"),
-}
+# each step's group: its script, its step module and its helpers, from the step registry
+STEPS = {f"step {s.number}": (s.script[:-3].replace("/", "."), s.module, *s.helpers)
+         for s in REGISTRY}
 SCORING = ("inference.evaluate", "inference.scoring")
 PACKAGE_DOCS = ("model_training", "model_training.cam_generation", "model_training.segmentation",
                 "inference", "inference.irn_steps", "inference.segmentation")  # __init__ only
@@ -111,3 +99,35 @@ def test_imports_only_go_down_the_dag():
 def test_the_rule_itself(source, target, expected):
     """The check would catch a core module importing a step, or one step another."""
     assert (_group(target) in {_group(source), *GROUPS[_group(source)][1]}) == expected
+
+
+def test_the_registry_numbers_the_steps_and_names_their_files():
+    assert [s.number for s in REGISTRY] == list(range(1, len(REGISTRY) + 1))
+    assert len({s.word for s in REGISTRY}) == len(REGISTRY)
+    modules = _modules()
+    for step in REGISTRY:
+        assert {step.module, *step.helpers} <= set(modules), step
+        script = REPO / step.script
+        imported = _imports(_module_name(script), script, set(modules))
+        assert step.module in imported and "model_training.common.step_cli" in imported, \
+            f"{step.script} should run {step.module} through step_cli.run_script"
+
+
+def test_run_pipeline_runs_the_registry_in_order():
+    import run_pipeline
+    assert [m.__name__ for m in run_pipeline.STEPS] == [s.module for s in REGISTRY]
+
+
+@pytest.mark.parametrize("config_dir", sorted(p for p in (REPO / "configs").iterdir() if p.is_dir()))
+def test_every_config_folder_has_one_file_per_step(config_dir):
+    missing = [f"{folder}.yaml" for folder in STEP_DIRS.values()
+               if not (config_dir / f"{folder}.yaml").is_file()]
+    assert not missing, f"{config_dir.name} lacks {missing}"
+
+
+def test_the_readme_step_table_matches_the_registry():
+    rows = [line for line in (REPO / "README.md").read_text().splitlines()
+            if line.startswith("| ") and line.split("|")[1].strip().isdigit()]
+    assert [int(row.split("|")[1]) for row in rows] == [s.number for s in REGISTRY]
+    for row, step in zip(rows, REGISTRY):
+        assert f"`{step.script}`" in row and f"`{step.folder}.yaml`" in row, row

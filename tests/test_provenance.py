@@ -1,17 +1,20 @@
 """Provenance: a step folder records what made it, and a run with other settings or inputs
 stops with one line instead of skipping or mixing outputs."""
+import importlib
 import json
 
 import pytest
 import torch
 
-from model_training.common.config import ConfigError, load_config
+from model_training.common.config import (COMMON_DEFAULTS, ConfigError, Schema, load_config,
+                                          merge_defaults)
 from model_training.common.provenance import (PROVENANCE_FILE, claim_folder, input_identity,
-                                              stale_reasons)
+                                              output_settings, stale_reasons)
+from model_training.common.steps import STEPS
 from model_training.common.step_io import mark_done, read_done, remove_temp_files
 
-DEFAULTS = {"resume": False, "ir_labels": {"conf_fg_thres": 0.55, "num_workers": 1},
-            "train": {"epochs": 3}}
+DEFAULTS = Schema({"resume": False, "ir_labels": {"conf_fg_thres": 0.55, "num_workers": 1},
+                   "train": {"epochs": 3}}, run_only={"resume", "ir_labels.num_workers"})
 
 
 def _cfg(tmp_path, *overrides):
@@ -132,3 +135,22 @@ def test_finishing_a_step_removes_the_temp_files_of_killed_runs(tmp_path):
     mark_done(tmp_path, {})
     assert not any(path.exists() for path in leftovers)
     assert (tmp_path / "a.png").is_file() and remove_temp_files(tmp_path) == []
+
+
+@pytest.mark.parametrize("step", STEPS, ids=lambda s: s.folder)
+def test_each_step_declares_the_run_only_keys_its_recipes_always_left_out(step):
+    """Each schema names its own run-only keys; the recipes stay those of the central list the
+    core held before (so folders made then are not taken as stale)."""
+    before = {"work_dir", "device", "num_workers", "ir_labels.num_workers", "overwrite",
+              "on_error", "shard", "resume", "val.batch_size"}
+    defaults = merge_defaults(COMMON_DEFAULTS, importlib.import_module(step.module).DEFAULTS)
+    keys = set(_dotted(defaults))
+    assert defaults.run_only & keys == before & keys
+    assert not set(output_settings(load_config(None, [], defaults), defaults)) & before
+
+
+def _dotted(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            yield from _dotted(value, f"{prefix}{key}.")
+        yield f"{prefix}{key}"

@@ -1,4 +1,4 @@
-"""Step 1: train the multi-label classifier the CAMs come from (DESIGN.md sections 5-6).
+"""Step 1: train the multi-label classifier the CAMs come from (docs/design.md).
 
 Missing labels and class imbalance are handled here, before the shared training loop:
 ``exclude_classes`` leaves classes out of the head, ``drop_images_with`` removes images that
@@ -82,7 +82,7 @@ DEFAULTS = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, Schema({
     "loss.recam_weight": NON_NEGATIVE,
     "val.batch_size": AT_LEAST_1,
     "val.threshold": FRACTION,
-}))
+}, run_only={"val.batch_size"}))
 
 
 # ---- classes and images -------------------------------------------------------------------

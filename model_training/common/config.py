@@ -60,11 +60,15 @@ class Schema(dict):
     """A step's settings: the nested defaults (their types; a comment says why each differs
     from the obvious) and, in ``ranges``, the values its number keys allow by dotted name
     ("*" matches anything; a list key has each item checked). Checked when a config loads,
-    so a value that would train nothing or stack-trace later stops the step first."""
+    so a value that would train nothing or stack-trace later stops the step first.
+    ``run_only``: the dotted keys that change how the step runs, not what it writes
+    (provenance leaves them out, so changing them never makes a folder stale)."""
 
-    def __init__(self, defaults: Mapping = (), ranges: Mapping[str, Range] | None = None):
+    def __init__(self, defaults: Mapping = (), ranges: Mapping[str, Range] | None = None,
+                 run_only: Iterable[str] = ()):
         super().__init__(defaults)
         self.ranges = dict(ranges or {})
+        self.run_only = frozenset(run_only)
 
 
 # Keys shared by every step; the per-dataset ``common.yaml`` sets them.
@@ -101,7 +105,7 @@ COMMON_DEFAULTS = Schema({
     "num_workers": NON_NEGATIVE,
     "dataset.toy.seed": NON_NEGATIVE,
     "dataset.toy.num_*": AT_LEAST_1,
-})
+}, run_only={"work_dir", "device", "num_workers", "overwrite", "on_error", "shard"})
 
 
 class StepError(Exception):
@@ -135,6 +139,7 @@ def merge_defaults(*parts: Mapping) -> Schema:
     for part in parts:
         _deep_update(merged, copy.deepcopy(dict(part)))
         merged.ranges.update(getattr(part, "ranges", {}))
+        merged.run_only |= getattr(part, "run_only", frozenset())
     return merged
 
 

@@ -16,8 +16,8 @@ from typing import Mapping
 from .auto_thresholds import resolve_auto
 from .datasets import ImageSource, build_source
 from .provenance import claim_folder
-from .step_io import (clear_done, ids_with_inputs, mark_done, pending_ids, shard_ids, step_dir,
-                      step_word)
+from .step_io import clear_done, ids_with_inputs, mark_done, pending_ids, shard_ids, step_dir
+from .steps import STEPS
 
 
 @dataclass
@@ -55,7 +55,7 @@ def start_image_step(cfg, step: int, split: str, suffix: str, defaults: Mapping,
         counts["without_cams"] = len(ids) - len(with_cams)
         ids = with_cams
     if auto_keys:
-        derived = resolve_auto(cfg, step_word(step), auto_keys, split)
+        derived = resolve_auto(cfg, STEPS[step - 1].word, auto_keys, split)
         if derived:
             counts["auto"] = derived
     claim_folder(out_dir, cfg, inputs, defaults)

@@ -22,21 +22,20 @@ from .step_io import DONE_FILE, TEMP_PREFIX, atomic_write, save_config
 
 PROVENANCE_FILE = "provenance.json"
 
-# Settings that change how a step runs, not what it writes.
-RUN_ONLY_KEYS = frozenset({"work_dir", "device", "num_workers", "ir_labels.num_workers", "overwrite",
-                           "on_error", "shard", "resume", "val.batch_size"})
 # Settings a training step may change while it resumes (continue for more epochs).
 RESUMABLE_KEYS = frozenset({"train.epochs"})
 
 
-def output_settings(cfg: Mapping) -> dict[str, Any]:
-    """The config as dotted keys, without the run-only ones."""
+def output_settings(cfg: Mapping, defaults: Mapping) -> dict[str, Any]:
+    """The config as dotted keys, without the run-only ones of ``defaults`` (the step's
+    ``DEFAULTS``) and of ``COMMON_DEFAULTS``."""
+    run_only = merge_defaults(COMMON_DEFAULTS, defaults).run_only
     flat: dict[str, Any] = {}
 
     def walk(node: Mapping, prefix: str) -> None:
         for key, value in node.items():
             dotted = f"{prefix}{key}"
-            if dotted in RUN_ONLY_KEYS:
+            if dotted in run_only:
                 continue
             if isinstance(value, Mapping) and value:
                 walk(value, dotted + ".")
@@ -82,9 +81,10 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-def build_recipe(cfg: Mapping, inputs: Mapping[str, str | os.PathLike]) -> dict:
+def build_recipe(cfg: Mapping, inputs: Mapping[str, str | os.PathLike],
+                 defaults: Mapping) -> dict:
     """Settings and input identities, as recorded in ``provenance.json``."""
-    return _as_json({"settings": output_settings(cfg),
+    return _as_json({"settings": output_settings(cfg, defaults),
                      "inputs": {name: input_identity(path) for name, path in inputs.items()}})
 
 
@@ -121,14 +121,15 @@ def stale_reasons(folder: str | os.PathLike, cfg: Mapping, inputs: Mapping,
     """Why the outputs in ``folder`` were not made by this recipe ([] when they were, or when
     there are none yet); ``defaults`` are the step's ``DEFAULTS``. With ``resume=true`` a
     training step may change ``RESUMABLE_KEYS``."""
-    return _reasons(Path(folder), read_recipe(folder), build_recipe(cfg, inputs), cfg, defaults)
+    return _reasons(Path(folder), read_recipe(folder), build_recipe(cfg, inputs, defaults), cfg,
+                    defaults)
 
 
 def _reasons(folder: Path, recorded: dict | None, recipe: dict, cfg: Mapping,
              defaults: Mapping) -> list[str]:
     if recorded is None:
         return ["it has no provenance.json (made by an older version)"] if _holds_outputs(folder) else []
-    default_settings = _as_json(output_settings(merge_defaults(COMMON_DEFAULTS, defaults)))
+    default_settings = _as_json(output_settings(merge_defaults(COMMON_DEFAULTS, defaults), defaults))
     found = differences(recorded, recipe, default_settings)
     if cfg.get("resume"):
         found = [d for d in found if d.split(":")[0] not in RESUMABLE_KEYS]
@@ -149,7 +150,7 @@ def claim_folder(folder: str | os.PathLike, cfg: Mapping,
     unchanged recipe leaves both files as they are; a changed one (with ``overwrite``) also
     forgets that the folder had finished. ``defaults``: the step's ``DEFAULTS``."""
     folder = Path(folder)
-    recorded, recipe = read_recipe(folder), build_recipe(cfg, inputs)
+    recorded, recipe = read_recipe(folder), build_recipe(cfg, inputs, defaults)
     reasons = _reasons(folder, recorded, recipe, cfg, defaults)
     if reasons and not cfg.get("overwrite"):
         raise ConfigError(stale_message(folder, reasons))

@@ -1,4 +1,4 @@
-"""The on-disk contract between steps (DESIGN.md section 3): folders, npz/png files, resume.
+"""The on-disk contract between steps (docs/design.md): folders, npz/png files, resume.
 
 Every file is written to a temporary name in its folder and renamed into place, so a killed
 step never leaves a truncated output and a re-run can trust whatever exists.
@@ -21,22 +21,7 @@ from inference.segmentation.submit.generate_predictions import (TEMP_PREFIX, ato
                                                                 process_shard)
 from model_training.common.config import Config, ConfigError, StepError
 from model_training.common.progress import progress
-
-STEP_DIRS = {
-    1: "1_classifier",
-    2: "2_cams",
-    3: "3_ir_labels",
-    4: "4_irn",
-    5: "5_pseudo_masks",
-    6: "6_segmentation",
-    7: "7_predictions",
-}
-
-
-def step_word(step: int) -> str:
-    """The one word that names step ``step``'s folder, config file, config section and log
-    prefix: ``STEP_DIRS[3]`` is ``3_ir_labels``, its section ``ir_labels``."""
-    return STEP_DIRS[step].split("_", 1)[1]
+from model_training.common.steps import STEP_DIRS
 
 
 def classifier_dir(work_dir: str | os.PathLike, variant: str = "") -> Path:

@@ -68,7 +68,7 @@ TRAIN_DEFAULTS = Schema({
     "train.step_gamma": POSITIVE,
     "train.grad_clip": NON_NEGATIVE,
     "train.val_every": AT_LEAST_1,
-})
+}, run_only={"resume"})
 
 StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
 ValidateFn = Callable[[nn.Module], Mapping[str, Any]]
