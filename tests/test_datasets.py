@@ -82,9 +82,9 @@ def test_voc_without_classes_txt_is_an_error_unless_told(tmp_path):
     ({"a": [-1]}, "image 'a': class id -1 out of range 0..2"),
     ({"a": [2.7]}, "image 'a': class id 2.7 is not an integer"),
     ({"a": 1}, "image 'a': labels must be a list of class ids, got 1"),
-    ([["a", [1]]], "must hold an object of image ids to lists of class ids, not a list"),
-    (3, "must hold an object of image ids to lists of class ids, not a number"),
-    (None, "must hold an object of image ids to lists of class ids, not null"),
+    ([["a", [1]]], "must hold an object of image ids to lists of class ids or names, not a list"),
+    (3, "must hold an object of image ids to lists of class ids or names, not a number"),
+    (None, "must hold an object of image ids to lists of class ids or names, not null"),
 ])
 def test_voc_bad_labels_name_file_image_and_value(tmp_path, labels, message):
     make_voc(tmp_path)
@@ -92,6 +92,27 @@ def test_voc_bad_labels_name_file_image_and_value(tmp_path, labels, message):
     with pytest.raises(ConfigError) as err:
         build_source(Config(name="voc", root=str(tmp_path)), "train")
     assert str(tmp_path / "cls_labels.json") in str(err.value) and str(err.value).endswith(message)
+
+
+def test_voc_labels_by_class_name_and_an_unknown_name(tmp_path):
+    make_voc(tmp_path)
+    (tmp_path / "cls_labels.json").write_text(json.dumps({"a": ["cat"], "b": ["dog", 1]}))
+    src = build_source(Config(name="voc", root=str(tmp_path)), "train")
+    assert src.labels("a") == [1] and src.labels("b") == [2, 1]
+    (tmp_path / "cls_labels.json").write_text(json.dumps({"a": ["cat"], "b": ["horse"]}))
+    with pytest.raises(ConfigError) as err:
+        build_source(Config(name="voc", root=str(tmp_path)), "train")
+    assert str(err.value).endswith("image 'b': unknown class name 'horse' (classes: cat, dog)")
+
+
+def test_voc_split_ids_are_kept_whole_and_a_duplicate_is_refused(tmp_path):
+    make_voc(tmp_path, ids=("photo 1", "b"), with_labels=False)
+    src = build_source(Config(name="voc", root=str(tmp_path)), "train")
+    assert src.ids == ["photo 1", "b"] and src.load_image("photo 1").shape == (6, 8, 3)
+    split = tmp_path / "ImageSets" / "Segmentation" / "train.txt"
+    split.write_text("photo 1\nb\n  photo 1 \n")
+    with pytest.raises(ConfigError, match=f"id 'photo 1' is listed twice in {split}"):
+        build_source(Config(name="voc", root=str(tmp_path)), "train")
 
 
 def test_camvid_reads_unchanged(camvid_root):

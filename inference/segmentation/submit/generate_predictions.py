@@ -282,7 +282,8 @@ def list_images(data_dir: Path, recursive: bool, ids_file: Path | None = None) -
     if ids_file is None:
         return list(found.items())
     selected = []
-    for image_id in ids_file.read_text().split():
+    ids = [line.strip() for line in ids_file.read_text(encoding="utf-8").splitlines()]
+    for image_id in filter(None, ids):  # whole lines: an id may hold a space
         if image_id in found:
             selected.append((image_id, found[image_id]))
         else:

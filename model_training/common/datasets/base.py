@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -107,6 +107,17 @@ def json_kind(value: Any) -> str:
         return "true/false"
     kinds = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
     return kinds[type(value)]
+
+
+def class_id_of(label: Any, class_index: Mapping[str, int], where: str) -> Any:
+    """A label given by name as its id; any other label is left for check_label_ids."""
+    if not isinstance(label, str):
+        return label
+    if label not in class_index:
+        known = list(class_index)[1:]
+        shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+        raise ValueError(f"{where}: unknown class name {label!r} (classes: {shown})")
+    return class_index[label]
 
 
 def check_label_ids(labels: Any, num_classes: int, where: str) -> list[int]:

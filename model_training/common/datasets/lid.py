@@ -12,7 +12,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .base import (FolderSource, ImageLoadError, check_label_ids, json_kind, labels_from_mask,
+from .base import (FolderSource, ImageLoadError, check_label_ids, class_id_of, json_kind,
+                   labels_from_mask,
                    read_json)
 
 IMAGE_SUFFIXES = (".JPEG", ".jpg", ".jpeg", ".png")
@@ -41,18 +42,10 @@ def read_json_list(path: Path, class_index: dict[str, int],
             raise ValueError(f"labels file {path}: entry {entry!r} is not a [path, [labels]] pair")
         rel_path, labels = entry
         where = f"labels file {path}: image '{Path(rel_path).stem}'"
-        ids = check_label_ids([_class_id(label, class_index, where) for label in labels],
+        ids = check_label_ids([class_id_of(label, class_index, where) for label in labels],
                               num_classes, where)
         out[Path(rel_path).stem] = (rel_path, sorted(set(ids)))
     return out
-
-def _class_id(label, class_index: dict[str, int], where: str):
-    """A label given by name as its id; any other label is left for check_label_ids."""
-    if not isinstance(label, str):
-        return label
-    if label not in class_index:
-        raise ValueError(f"{where}: unknown class name {label!r}")
-    return class_index[label]
 
 def read_det_xml(path: Path, class_index: dict[str, int]) -> list[int]:
     """Class ids of the objects in one DET annotation (unknown WordNet ids are skipped)."""

@@ -1,15 +1,15 @@
 """VOC-style folders (PASCAL VOC 2012, camvid-wsss, anything laid out the same way).
 
 Layout: JPEGImages/<id>.jpg, SegmentationClass/<id>.png (evaluation only),
-ImageSets/Segmentation/<split>.txt, optional cls_labels.json ({"<id>": [class ids]}),
+ImageSets/Segmentation/<split>.txt, optional cls_labels.json ({"<id>": [class ids or names]}),
 optional classes.txt (one name a line, background first).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .base import (FolderSource, ImageLoadError, check_label_ids, json_kind, labels_from_mask,
-                   read_json)
+from .base import (FolderSource, ImageLoadError, check_label_ids, class_id_of, json_kind,
+                   labels_from_mask, read_json)
 
 VOC2012_CLASSES = [
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -35,8 +35,16 @@ def read_class_names(root: Path, configured: list[str] | None, classes: str = ""
 
 
 def read_id_list(path: Path) -> list[str]:
-    """Image ids, one a line (further columns ignored), as in VOC's ImageSets."""
-    return [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
+    """Image ids, one a line as in VOC's ImageSets/Segmentation, kept whole: an id may hold a
+    space (a user's photo names), so only the line's ends are stripped."""
+    text = Path(path).read_text(encoding="utf-8")
+    ids = [line.strip() for line in text.splitlines() if line.strip()]
+    seen: set[str] = set()
+    for image_id in ids:
+        if image_id in seen:  # it would be trained, written and scored twice
+            raise ValueError(f"id '{image_id}' is listed twice in {path}")
+        seen.add(image_id)
+    return ids
 
 
 def read_split_ids(root: Path, split: str) -> list[str]:
@@ -66,14 +74,19 @@ class VOCSource(FolderSource):
                 f"and {self.mask_dir} has no masks to derive them from")
 
     def _read_labels(self, path: Path) -> dict[str, list[int]]:
-        """``{"<id>": [class ids]}``, every list checked against the classes."""
+        """``{"<id>": [class ids or names]}``, every list checked against the classes."""
         data = read_json(path)
         if not isinstance(data, dict):
             raise ValueError(f"labels file {path} must hold an object of image ids to lists of "
-                             f"class ids, not {json_kind(data)}")
-        return {str(image_id): check_label_ids(labels, self.num_classes,
-                                               f"labels file {path}: image '{image_id}'")
-                for image_id, labels in data.items()}
+                             f"class ids or names, not {json_kind(data)}")
+        index = {name: n for n, name in enumerate(self.class_names)}
+        labels = {}
+        for image_id, names in data.items():
+            where = f"labels file {path}: image '{image_id}'"
+            names = [class_id_of(name, index, where) for name in names] \
+                if isinstance(names, list) else names
+            labels[str(image_id)] = check_label_ids(names, self.num_classes, where)
+        return labels
 
     def image_path(self, image_id: str) -> Path:
         for suffix in IMAGE_SUFFIXES:
