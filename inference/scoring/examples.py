@@ -10,7 +10,7 @@ from PIL import Image
 from inference.segmentation.submit import generate_predictions as submit
 from model_training.common.step_io import STEP_DIRS, atomic_write, load_cams, load_png
 
-from .visualize import cam_overlay, colorize_labels, image_grid
+from .visualize import cam_overlay, colorize_labels, image_grid, legend_strip
 
 TITLES = ["image", "CAM", "IR labels", "pseudo mask", "prediction", "ground truth"]
 
@@ -29,7 +29,8 @@ class _Step7Predictor:
 
 
 def write_examples(source, work_dir, out_path, num_images: int = 4) -> Path | None:
-    """A grid for the first training images that went through every step; None if none did."""
+    """A grid for the first training images that went through every step, with a legend of
+    the class colours under it; None if no image went through every step."""
     work_dir = Path(work_dir)
     folders = {step: work_dir / STEP_DIRS[step] for step in (2, 3, 5)}
     ids = [i for i in source.ids
@@ -53,4 +54,5 @@ def write_examples(source, work_dir, out_path, num_images: int = 4) -> Path | No
             colorize_labels(gt) if gt is not None else np.zeros_like(image),
         ])
     grid = image_grid(rows, TITLES)
+    grid = np.concatenate([grid, legend_strip(source.class_names, grid.shape[1])])
     return atomic_write(out_path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))

@@ -61,3 +61,27 @@ def image_grid(rows: list[list[np.ndarray]], titles: list[str], pad: int = 4,
                 tile = cv2.resize(tile, (tile_w, tile_h), interpolation=cv2.INTER_NEAREST)
             canvas[y:y + tile_h, x:x + tile_w] = tile
     return canvas
+
+
+def legend_strip(class_names: list[str], width: int, pad: int = 4, swatch: int = 12,
+                 unsure_label: str = "unsure / ignore (255)") -> np.ndarray:
+    """A white strip naming each class's colour (and white = 255), wrapped to ``width``, so a
+    figure of label maps reads without the code. Swatches have a black outline."""
+    entries = [(name, tuple(int(v) for v in PALETTE[c])) for c, name in enumerate(class_names)]
+    entries.append((unsure_label, IGNORE_COLOR))
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.4
+    line_h = swatch + pad
+    placed, x, y = [], pad, pad
+    for name, color in entries:
+        entry_w = swatch + 4 + cv2.getTextSize(name, font, scale, 1)[0][0] + 3 * pad
+        if x + entry_w > width and x > pad:
+            x, y = pad, y + line_h
+        placed.append((x, y, name, color))
+        x += entry_w
+    strip = np.full((y + line_h + pad, width, 3), 255, np.uint8)
+    for x, y, name, color in placed:
+        cv2.rectangle(strip, (x, y), (x + swatch - 1, y + swatch - 1), color, cv2.FILLED)
+        cv2.rectangle(strip, (x, y), (x + swatch - 1, y + swatch - 1), (0, 0, 0), 1)
+        cv2.putText(strip, name, (x + swatch + 4, y + swatch - 2), font, scale, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    return strip
