@@ -25,6 +25,7 @@ from inference.scoring.examples import write_examples
 from inference.scoring.report import (GT_BOUND_DIR, build_report, format_report, score_stages,
                                       write_report)
 from model_training.common import steps
+from model_training.common.allocator import tune_allocator
 from model_training.common.config import (COMMON_DEFAULTS, ConfigError, StepError, load_config,
                                           merge_defaults, parse_override)
 from model_training.common.datasets import build_source
@@ -126,6 +127,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--gt-bound", action="store_true",
                         help="also train step 6 on ground-truth masks (same config) and score it")
     args = parser.parse_args(argv)
+    tune_allocator()
     step_configs = exit_on_config_error(load_step_configs, args.config_dir, args.overrides)
     seconds = exit_on_config_error(run_steps, step_configs)
     cfg = step_configs[-1][2]

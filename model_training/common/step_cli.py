@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
+from model_training.common.allocator import tune_allocator
 from model_training.common.config import (AUTO, COMMON_DEFAULTS, AutoFloat, Config, StepError,
                                           load_config)
 
@@ -95,6 +96,7 @@ def exit_on_config_error(fn, *args, **kwargs):
 
 def run_script(step: ModuleType, doc: str, argv: list[str] | None = None) -> dict:
     """The whole body of a step's script: parse, run, print the step's one-line summary."""
+    tune_allocator()
     cfg = parse_step_args(step.DEFAULTS, doc, argv, shardable=step.SHARDABLE)
     summary = exit_on_config_error(step.run, cfg)
     print(step.summary_line(summary))
