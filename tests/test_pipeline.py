@@ -1,4 +1,4 @@
-"""The whole pipeline on a tiny toy config: every folder of DESIGN.md section 3 gets filled,
+"""The whole pipeline on a tiny toy config: every folder of docs/design.md's data contract gets filled,
 report.json has the documented schema, and a second run resumes everything."""
 import json
 import shutil

@@ -1,4 +1,4 @@
-"""Scoring every stage of a pipeline run into ``report.json`` (DESIGN.md section 3)."""
+"""Scoring every stage of a pipeline run into ``report.json`` (docs/design.md)."""
 from __future__ import annotations
 
 import json
