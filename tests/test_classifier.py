@@ -12,13 +12,10 @@ from torch import nn
 
 from model_training.cam_generation import classifier_training
 from model_training.cam_generation.classifier_training import (DEFAULTS, MultiLabelDataset,
-                                                               RepeatFactorSampler,
-                                                               average_precision,
-                                                               classification_metrics,
                                                                collate_images, multilabel_loss,
                                                                negative_weights, output_class_ids,
                                                                positive_weights, recam_loss,
-                                                               repeat_factors, training_images)
+                                                               training_images)
 from model_training.common.config import Config, ConfigError, StepError, load_config
 from model_training.common.datasets import build_source
 from model_training.common.models import (CamClassifier, build_backbone, build_cam_classifier,
@@ -26,6 +23,7 @@ from model_training.common.models import (CamClassifier, build_backbone, build_c
                                           load_cam_classifier)
 from model_training.common.models.weights import (WeightsError, efficientnet_lite_state_dict,
                                                   read_state_dict)
+from model_training.common.sampling import RepeatFactorSampler, repeat_factors
 from model_training.common.transforms import build_transform, image_to_tensor
 
 TOY = {"name": "toy", "toy": {"num_train": 12, "num_val": 8, "num_test": 4, "image_size": [48, 64]}}
@@ -135,7 +133,7 @@ def test_pos_weight_is_negative_positive_ratio_clipped():
     np.testing.assert_allclose(positive_weights(targets, max_weight=3.0), [3.0, 1 / 3])
 
 
-# ---- loss and metrics ---------------------------------------------------------------------
+# ---- loss ---------------------------------------------------------------------------------
 def test_loss_is_multilabel_soft_margin_and_down_weights_negatives():
     logits, targets = torch.randn(4, 3), torch.tensor([[1.0, 0, 0], [0, 1, 1], [0, 0, 0], [1, 1, 1]])
     torch.testing.assert_close(multilabel_loss(logits, targets),
@@ -155,30 +153,6 @@ def test_negative_weight_applies_to_the_listed_classes_only():
     torch.testing.assert_close(multilabel_loss(logits, targets, negative_weight=weights), expected)
     with pytest.raises(ConfigError, match="loss.negative_weight_classes"):
         negative_weights(source, [1, 2], 0.1, ["unicorn"])
-
-
-def test_average_precision_matches_hand_computed_values():
-    # Ranked hits 1,0,1,0: AP = (1/1 + 2/3) / 2.
-    assert average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == \
-        pytest.approx((1 + 2 / 3) / 2)
-    # A tie between a hit and a miss counts as one threshold: precision 1/2 at recall 1.
-    assert average_precision(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(0.5)
-    assert np.isnan(average_precision(np.array([0.3]), np.array([0])))
-    sklearn_metrics = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(0)
-    scores, hits = rng.random(50).round(1), rng.random(50) < 0.3
-    assert average_precision(scores, hits) == pytest.approx(
-        sklearn_metrics.average_precision_score(hits, scores))
-
-
-def test_classification_metrics_skip_classes_without_positives():
-    scores = np.array([[0.9, 0.2, 0.6], [0.1, 0.8, 0.4], [0.7, 0.3, 0.1]])
-    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0]], np.float32)
-    metrics = classification_metrics(scores, targets, ["a", "b", "c"], threshold=0.5)
-    assert metrics["map"] == 1.0 and set(metrics["ap"]) == {"a", "b"}
-    # TP 3 (a twice, b once), FP 1 (c on image 0), FN 0.
-    assert metrics["f1_micro"] == pytest.approx(6 / 7)
-    assert metrics["f1_macro"] == 1.0
 
 
 # ---- unreadable images --------------------------------------------------------------------

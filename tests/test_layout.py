@@ -62,8 +62,8 @@ def _imports(module: str, path: Path, known: set[str]) -> set[str]:
             if node.level:
                 anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
-            if module.startswith(SUBMIT[0]) and node.level == 0 and base == "model":
-                base = f"{SUBMIT[0]}.model"  # the submission script's own sibling
+            if module.startswith(SUBMIT[0]) and node.level == 0 and f"{SUBMIT[0]}.{base}" in known:
+                base = f"{SUBMIT[0]}.{base}"  # run as a script, the folder imports its siblings
             names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
                      for alias in node.names]
         else:

@@ -11,7 +11,8 @@ import pytest
 from model_training.common.config import ConfigError
 from model_training.common.evaluation import (evaluate_cam_folder, evaluate_label_folder,
                                               png_folder_loader)
-from model_training.common.metrics import ConfusionMatrix
+from model_training.common.metrics import (ConfusionMatrix, average_precision,
+                                           classification_metrics)
 from model_training.common.step_io import save_cams, save_png
 from tests.conftest import REPO
 
@@ -317,3 +318,27 @@ def test_json_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "atomic_write", full_disk)
     err = _evaluate_fails(capsys, *folders, "--num-classes", "2", "--json", str(tmp_path / "r.json"))
     assert "--json: cannot write" in err and "No space left" in err
+
+
+def test_average_precision_matches_hand_computed_values():
+    # Ranked hits 1,0,1,0: AP = (1/1 + 2/3) / 2.
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == \
+        pytest.approx((1 + 2 / 3) / 2)
+    # A tie between a hit and a miss counts as one threshold: precision 1/2 at recall 1.
+    assert average_precision(np.array([0.5, 0.5]), np.array([1, 0])) == pytest.approx(0.5)
+    assert np.isnan(average_precision(np.array([0.3]), np.array([0])))
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(0)
+    scores, hits = rng.random(50).round(1), rng.random(50) < 0.3
+    assert average_precision(scores, hits) == pytest.approx(
+        sklearn_metrics.average_precision_score(hits, scores))
+
+
+def test_classification_metrics_skip_classes_without_positives():
+    scores = np.array([[0.9, 0.2, 0.6], [0.1, 0.8, 0.4], [0.7, 0.3, 0.1]])
+    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0]], np.float32)
+    metrics = classification_metrics(scores, targets, ["a", "b", "c"], threshold=0.5)
+    assert metrics["map"] == 1.0 and set(metrics["ap"]) == {"a", "b"}
+    # TP 3 (a twice, b once), FP 1 (c on image 0), FN 0.
+    assert metrics["f1_micro"] == pytest.approx(6 / 7)
+    assert metrics["f1_macro"] == 1.0

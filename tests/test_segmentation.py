@@ -18,11 +18,12 @@ from inference.segmentation.submit import generate_predictions as step7
 from inference.segmentation.submit import generate_predictions as submit_model
 from model_training.common.config import Config, ConfigError, load_config
 from model_training.common.datasets import build_source
+from model_training.common.models.segmentation import build_model, model_config_from
 from model_training.common.step_io import load_png, save_png
 from model_training.common.transforms import image_to_tensor
 from model_training.segmentation import segmentation_training as seg
 from model_training.segmentation.segmentation_training import (DEFAULTS, SegmentationDataset,
-                                                               build_model, evaluate)
+                                                               evaluate)
 from tests.test_submit import IMPORT_PROBE, SUBMIT_DIR, run_isolated
 
 REPO = Path(__file__).resolve().parents[1]
@@ -249,13 +250,13 @@ def test_encoder_weights_file_in_efficientnet_pytorch_naming_is_renamed(tmp_path
 
 def test_model_settings_are_checked():
     with pytest.raises(ConfigError, match="model.arch"):
-        seg.model_config_from(Config({"arch": "NoSuchNet", "encoder_name": "resnet50",
-                                      "encoder_output_stride": None}), 3)
+        model_config_from(Config({"arch": "NoSuchNet", "encoder_name": "resnet50",
+                                  "encoder_output_stride": None}), 3)
     with pytest.raises(ConfigError, match="encoder_output_stride"):
-        seg.model_config_from(Config({"arch": "Unet", "encoder_name": "resnet50",
-                                      "encoder_output_stride": 16}), 3)
-    config = seg.model_config_from(Config({"arch": "Unet", "encoder_name": "resnet18",
-                                           "encoder_output_stride": None}), 3)
+        model_config_from(Config({"arch": "Unet", "encoder_name": "resnet50",
+                                  "encoder_output_stride": 16}), 3)
+    config = model_config_from(Config({"arch": "Unet", "encoder_name": "resnet18",
+                                       "encoder_output_stride": None}), 3)
     assert "encoder_output_stride" not in config
     with pytest.raises(ConfigError, match="encoder_name"):
         build_model({**config, "encoder_name": "tu-no_such_net"})

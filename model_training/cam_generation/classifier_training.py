@@ -27,7 +27,9 @@ from model_training.common.datasets import (ImageLoadError, ImageSource, build_s
 from model_training.common.datasets.voc import read_id_list
 from model_training.common.models import (CamClassifier, build_cam_classifier, check_backbone_keys,
                                           init_from_checkpoint, weights_error_names)
+from model_training.common.metrics import classification_metrics
 from model_training.common.progress import progress
+from model_training.common.sampling import RepeatFactorSampler, repeat_factors
 from model_training.common.step_io import classifier_dir, report_failure
 from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, finish_training_step,
                                            seed_worker, start_training_step)
@@ -212,48 +214,7 @@ def positive_weights(targets: np.ndarray, max_weight: float) -> torch.Tensor:
     return torch.from_numpy(np.clip(weights, 1.0 / max_weight, max_weight).astype(np.float32))
 
 
-def repeat_factors(targets: np.ndarray, threshold: float) -> np.ndarray:
-    """LVIS repeat factors: r_c = max(1, sqrt(t / f_c)), an image's r = max over its classes.
-
-    f_c is the share of training images labelled c; images without labels repeat once.
-    """
-    frequency = targets.mean(axis=0)
-    class_factor = np.maximum(1.0, np.sqrt(threshold / np.maximum(frequency, 1e-12)))
-    factors = np.where(targets > 0, class_factor[None, :], 1.0).max(axis=1, initial=1.0)
-    return factors
-
-
-class RepeatFactorSampler(Sampler[int]):
-    """Each epoch image i appears floor(r_i) or ceil(r_i) times (stochastic rounding),
-    shuffled; the draw depends only on (seed, epoch). ``num_replicas``/``rank`` shard the
-    epoch for distributed training; the epoch is padded (wrapping around) to a multiple of
-    ``num_replicas``, since DDP ranks must run the same number of batches.
-    """
-
-    def __init__(self, factors: np.ndarray, seed: int = 0, num_replicas: int = 1, rank: int = 0):
-        self.factors = torch.as_tensor(factors, dtype=torch.float64)
-        self.seed, self.num_replicas, self.rank = seed, num_replicas, rank
-        self.set_epoch(0)
-
-    def set_epoch(self, epoch: int) -> None:
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        whole = torch.floor(self.factors)
-        counts = whole + (torch.rand(len(self.factors), generator=generator, dtype=torch.float64)
-                          < self.factors - whole)
-        indices = torch.repeat_interleave(torch.arange(len(self.factors)), counts.long())
-        indices = indices[torch.randperm(len(indices), generator=generator)]
-        padding = torch.arange(-len(indices) % self.num_replicas) % max(len(indices), 1)
-        indices = torch.cat([indices, indices[padding]])
-        self.indices = indices[self.rank::self.num_replicas].tolist()
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-# ---- loss and metrics ---------------------------------------------------------------------
+# ---- loss and validation -----------------------------------------------------------------
 def multilabel_loss(logits: torch.Tensor, targets: torch.Tensor,
                     pos_weight: torch.Tensor | None = None,
                     negative_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -290,41 +251,6 @@ def negative_weights(source: ImageSource, class_ids: Sequence[int], weight: floa
     chosen = ({class_id(source, c, "loss.negative_weight_classes") for c in classes}
               if classes else set(class_ids))
     return torch.tensor([weight if c in chosen else 1.0 for c in class_ids])
-
-
-def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
-    """Area under the precision-recall curve as a step function over distinct scores
-    (the VOC/sklearn definition); NaN for a class without positives."""
-    targets = np.asarray(targets, dtype=np.float64)
-    if targets.sum() == 0:
-        return float("nan")
-    order = np.argsort(-np.asarray(scores), kind="mergesort")
-    sorted_scores, hits = np.asarray(scores)[order], targets[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(hits) - 1]
-    true_pos = np.cumsum(hits)[last_of_tie]
-    precision = true_pos / (last_of_tie + 1)
-    recall = true_pos / true_pos[-1]
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
-
-
-def classification_metrics(scores: np.ndarray, targets: np.ndarray, names: Sequence[str],
-                           threshold: float = 0.5) -> dict:
-    """mAP, per-class AP and F1 (micro and macro) at ``threshold`` over classes with positives."""
-    present = targets.sum(axis=0) > 0
-    ap = {name: average_precision(scores[:, k], targets[:, k]) for k, name in enumerate(names)}
-    predicted = scores >= threshold
-    true_pos = (predicted & (targets > 0)).sum(axis=0)
-    false_pos = (predicted & (targets == 0)).sum(axis=0)
-    false_neg = (~predicted & (targets > 0)).sum(axis=0)
-    per_class_f1 = 2 * true_pos / np.maximum(2 * true_pos + false_pos + false_neg, 1)
-    micro = 2 * true_pos.sum() / max(2 * true_pos.sum() + false_pos.sum() + false_neg.sum(), 1)
-    return {
-        "map": float(np.mean([ap[n] for n, p in zip(names, present) if p])) if present.any()
-        else float("nan"),
-        "f1_micro": float(micro),
-        "f1_macro": float(per_class_f1[present].mean()) if present.any() else float("nan"),
-        "ap": {n: v for n, v in ap.items() if not np.isnan(v)},
-    }
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping, NamedTuple
 
 import yaml
 
-from inference.segmentation.submit import generate_predictions as submit
+from inference.segmentation.submit import runtime
 
 BASE_KEY = "_base_"
 
@@ -337,8 +337,8 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     if not text:
         return 0, 1
     try:
-        return submit.parse_shard(str(text))
-    except submit.UsageError:
+        return runtime.parse_shard(str(text))
+    except runtime.UsageError:
         raise ConfigError(f"key 'shard' must be i/n with 0 <= i < n (e.g. 0/2), got {text!r}") from None
 
 
@@ -346,6 +346,6 @@ def resolve_device(name: str):
     """``auto`` picks CUDA when present (under torchrun this process's ``cuda:LOCAL_RANK``);
     an unavailable CUDA device is a config error."""
     try:
-        return submit.resolve_device(name)
-    except submit.UsageError as err:
+        return runtime.resolve_device(name)
+    except runtime.UsageError as err:
         raise ConfigError(f"key 'device': {err}") from None

@@ -1,9 +1,12 @@
-"""Segmentation scores from one confusion matrix: mIoU, per-class IoU, pixel accuracy.
+"""Scores: segmentation from one confusion matrix (mIoU, per-class IoU, pixel accuracy) and
+multi-label classification (mAP, F1).
 
 Accumulating a matrix (rather than averaging per-image scores) gives the dataset-level
 numbers VOC and IRNet report.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import numpy as np
 
@@ -84,3 +87,38 @@ class ConfusionMatrix:
 
 def _percent(value: float) -> float | None:
     return None if np.isnan(value) else round(100.0 * float(value), 4)
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Area under the precision-recall curve as a step function over distinct scores
+    (the VOC/sklearn definition); NaN for a class without positives."""
+    targets = np.asarray(targets, dtype=np.float64)
+    if targets.sum() == 0:
+        return float("nan")
+    order = np.argsort(-np.asarray(scores), kind="mergesort")
+    sorted_scores, hits = np.asarray(scores)[order], targets[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(sorted_scores)), len(hits) - 1]
+    true_pos = np.cumsum(hits)[last_of_tie]
+    precision = true_pos / (last_of_tie + 1)
+    recall = true_pos / true_pos[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def classification_metrics(scores: np.ndarray, targets: np.ndarray, names: Sequence[str],
+                           threshold: float = 0.5) -> dict:
+    """mAP, per-class AP and F1 (micro and macro) at ``threshold`` over classes with positives."""
+    present = targets.sum(axis=0) > 0
+    ap = {name: average_precision(scores[:, k], targets[:, k]) for k, name in enumerate(names)}
+    predicted = scores >= threshold
+    true_pos = (predicted & (targets > 0)).sum(axis=0)
+    false_pos = (predicted & (targets == 0)).sum(axis=0)
+    false_neg = (~predicted & (targets > 0)).sum(axis=0)
+    per_class_f1 = 2 * true_pos / np.maximum(2 * true_pos + false_pos + false_neg, 1)
+    micro = 2 * true_pos.sum() / max(2 * true_pos.sum() + false_pos.sum() + false_neg.sum(), 1)
+    return {
+        "map": float(np.mean([ap[n] for n, p in zip(names, present) if p])) if present.any()
+        else float("nan"),
+        "f1_micro": float(micro),
+        "f1_macro": float(per_class_f1[present].mean()) if present.any() else float("nan"),
+        "ap": {n: v for n, v in ap.items() if not np.isnan(v)},
+    }

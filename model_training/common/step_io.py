@@ -17,8 +17,7 @@ import yaml
 from PIL import Image
 from tqdm import tqdm
 
-from inference.segmentation.submit.generate_predictions import (TEMP_PREFIX, atomic_write,
-                                                                process_shard)
+from inference.segmentation.submit.runtime import TEMP_PREFIX, atomic_write, process_shard
 from model_training.common.config import Config, ConfigError, StepError
 from model_training.common.progress import progress
 from model_training.common.steps import STEP_DIRS
@@ -116,8 +115,10 @@ def shard_ids(ids: Iterable[str], shard: str | None) -> list[str]:
 
 
 def first_line(error: BaseException) -> str:
-    """An error's message cut to one line (its type where it has none)."""
-    return str(error).splitlines()[0] if str(error) else type(error).__name__
+    """An error's message cut to one line (its type where it has none); a KeyError's without
+    the quotes its ``str`` adds."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
 def report_failure(image_id: str, error: BaseException) -> None:

@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import segmentation_models_pytorch as smp
@@ -46,11 +44,13 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+if __package__:  # imported from the training repository
+    from .runtime import UsageError, atomic_write, process_shard, resolve_device
+else:  # run as a script, from this folder or a copy of it alone
+    from runtime import UsageError, atomic_write, process_shard, resolve_device
+
 HERE = Path(__file__).resolve().parent
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp"}
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
 # Every key a config may set, with the value used when it does not (same as config.yaml).
 DEFAULTS: dict[str, Any] = {
     "weights": "model.pt",
@@ -61,10 +61,6 @@ DEFAULTS: dict[str, Any] = {
     "amp": True,
     "recursive": False,
 }
-
-
-class UsageError(Exception):
-    """Bad input to the script as a whole; printed as one `error:` line."""
 
 
 # ----------------------------------------------------------------------------- checkpoint
@@ -226,40 +222,6 @@ def _check_config(cfg: dict[str, Any], path: Path) -> None:
         fail("input_long_side", "null or a positive integer")
 
 
-def resolve_device(name: str) -> torch.device:
-    """Under torchrun, auto / cuda mean this process's GPU (cuda:LOCAL_RANK)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UsageError(f"unknown device {name!r}") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"device {name} requested but CUDA is not available")
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    """'i/n' -> (i, n): this process handles every n-th image starting at the i-th."""
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError as error:
-        raise UsageError(f"--shard must look like i/n, got {text!r}") from error
-    if not 0 <= index < count:
-        raise UsageError(f"--shard {text}: need 0 <= i < n")
-    return index, count
-
-
-def process_shard(text: str) -> tuple[int, int]:
-    """--shard i/n, split again among torchrun's processes (RANK r of WORLD_SIZE w): shard
-    i + n*r of n*w, so the processes together still cover every image exactly once."""
-    index, count = parse_shard(text)
-    return (index + count * int(os.environ.get("RANK", 0)),
-            count * int(os.environ.get("WORLD_SIZE", 1)))
-
-
 # ----------------------------------------------------------------------------- images
 
 
@@ -303,27 +265,6 @@ def image_to_tensor(image: np.ndarray, mean, std, device: torch.device) -> torch
     mean = torch.tensor(mean, device=device).view(3, 1, 1)
     std = torch.tensor(std, device=device).view(3, 1, 1)
     return ((tensor - mean) / std).unsqueeze(0)
-
-
-TEMP_PREFIX = ".tmp."  # atomic_write's temporary files: hidden (the repo's done markers sweep them)
-
-
-def atomic_write(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Path:
-    """Call ``write_fn(tmp_path)`` on a temporary file beside ``path`` (same suffix), then
-    rename it onto ``path``: a reader never sees a truncated file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.stem}.", suffix=path.suffix,
-                                         dir=path.parent)
-    os.close(handle)
-    try:
-        write_fn(temp_name)
-        os.chmod(temp_name, FILE_MODE)  # mkstemp creates 0600; give the usual permissions
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_png(path: Path, mask: np.ndarray) -> None:
