@@ -134,6 +134,23 @@ def test_step3_on_a_full_disk_exits_2_and_is_not_marked_done(tmp_path, capsys, m
     assert read_done(tmp_path / "3_ir_labels") is None
 
 
+def test_a_step_whose_every_image_failed_is_not_marked_done(tmp_path, capsys, monkeypatch):
+    """Issue 30: marked done with nothing written, it sent step 4 to an empty folder."""
+    for image_id in ("train_00000", "train_00001"):
+        save_cams(step_dir(tmp_path, 2) / f"{image_id}.npz", [],
+                  np.zeros((0, 8, 12), np.float32), np.zeros((0, 32, 48), np.float32))
+
+    def bad_image(*args, **kwargs):
+        raise ValueError("cannot encode this mask")
+
+    monkeypatch.setattr(step_io, "save_png", bad_image)
+    err = _fails_with_one_line(crf_cam_processing, "3_ir_labels.yaml", tmp_path, capsys,
+                               "ir_labels.num_workers=1")
+    assert err == ("error: 3_ir_labels: all 2 images failed (the first: train_00000, see the "
+                   "warnings above): the step is not marked done")
+    assert read_done(tmp_path / "3_ir_labels") is None
+
+
 def _spoil(path, how: str) -> None:
     """Turn a real checkpoint at ``path`` into what a crash, a full disk or a mix-up leaves."""
     if how == "random bytes":

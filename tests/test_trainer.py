@@ -1,6 +1,9 @@
 """The shared training loop: LR schedules, parameter groups, checkpoints and resume."""
 import csv
+import errno
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,5 +143,63 @@ def test_resume_from_a_truncated_last_pt_is_one_line(tmp_path):
     last = tmp_path / "last.pt"
     last.write_bytes(last.read_bytes()[:100])
     with pytest.raises(StepError, match=f"^{last}: not a checkpoint this toolkit wrote, or "
+                                        f"truncated: start this step over with overwrite=true$"):
+        _train(tmp_path, epochs=2, resume=True)
+
+
+@pytest.mark.parametrize("kill_before_last_pt", [True, False])
+def test_a_run_killed_around_an_epoch_end_resumes_with_every_epoch_logged(
+        tmp_path, monkeypatch, kill_before_last_pt):
+    """Issue 30: killed after last.pt of epoch 2 was written but before its row reached
+    metrics.csv, the resumed run's log held epochs 1 and 3 only."""
+    save = Trainer._save
+
+    def killed_at_epoch_2(self, name, full, rng_states=None):
+        if name == "last.pt" and self.epoch == 2 and kill_before_last_pt:
+            raise KeyboardInterrupt
+        save(self, name, full, rng_states)
+        if name == "last.pt" and self.epoch == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save", killed_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, epochs=3)
+    monkeypatch.undo()
+    _train(tmp_path, epochs=3, resume=True)
+    with open(tmp_path / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_a_validation_score_that_is_never_a_number_is_a_failure(tmp_path):
+    """Issue 30: NaN (a val split without one positive label) never beat -inf, so the step
+    finished without best.pt and the next step said 'run step 1 first'."""
+    with pytest.raises(StepError, match="^validation gave no 'score' .* in 2 epochs"):
+        _train(tmp_path, epochs=2, scores=[math.nan, math.nan])
+    assert not (tmp_path / "best.pt").exists()
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0\n"
+                 "PytorchStreamWriter failed writing file data/0: file write failed"),
+    OSError(errno.ENOSPC, "No space left on device")])
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch, error):
+    """Issue 30: torch.save raises RuntimeError, not OSError, on a full disk: a traceback."""
+    def full_disk(state, path):
+        Path(path).write_bytes(b"partial")
+        raise error
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(StepError, match=r"^cannot write .*last\.pt: .*: stopped, the step is "
+                                        r"not marked done$"):
+        _train(tmp_path, epochs=1)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp.")]
+    assert not (tmp_path / "last.pt").exists()
+
+
+def test_resume_with_a_truncated_best_pt_is_one_line(tmp_path):
+    _train(tmp_path, epochs=1)
+    best = tmp_path / "best.pt"
+    best.write_bytes(best.read_bytes()[:100])
+    with pytest.raises(StepError, match=f"^{re.escape(str(best))}: not a checkpoint this toolkit wrote, or "
                                         f"truncated: start this step over with overwrite=true$"):
         _train(tmp_path, epochs=2, resume=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Mapping
 
 from .auto_thresholds import resolve_auto
+from .config import StepError
 from .datasets import ImageSource, build_source
 from .provenance import claim_folder
 from .step_io import clear_done, ids_with_inputs, mark_done, pending_ids, shard_ids, step_dir
@@ -31,7 +32,12 @@ class ImageStep:
     counts: dict = field(default_factory=dict)  # what the summary says besides the run's counts
 
     def finish(self, written: int, failed: list[str], **extra) -> dict:
-        """Record the run in the done marker (this shard's, see ``mark_done``); returns it."""
+        """Record the run in the done marker (this shard's, see ``mark_done``); returns it.
+        A run whose every image failed is a StepError: marked done, it would send the next
+        step to an empty folder."""
+        if failed and written == 0 and len(self.todo) == len(self.ids):
+            raise StepError(f"{self.out_dir.name}: all {len(failed)} images failed (the first: "
+                            f"{failed[0]}, see the warnings above): the step is not marked done")
         summary = {"written": written, "failed": failed,
                    "skipped_existing": len(self.ids) - len(self.todo), **self.counts, **extra,
                    "seconds": round(time.time() - self.started, 2)}

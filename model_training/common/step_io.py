@@ -141,6 +141,16 @@ def stop_on_machine_error(image_id: str, error: BaseException) -> None:
                         f"stopped, the step is not marked done") from error
 
 
+def write_or_stop(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Path:
+    """``atomic_write`` for a training step's checkpoints and logs: a full or unwritable disk
+    (``torch.save`` says so with a RuntimeError) is one line, and no partial file is left."""
+    try:
+        return atomic_write(path, write_fn)
+    except (OSError, RuntimeError) as error:
+        raise StepError(f"cannot write {path}: {first_line(error)}: stopped, the step is not "
+                        f"marked done") from None
+
+
 def run_over_images(items: Iterable, fn: Callable[..., object], desc: str,
                     on_error: str = "skip") -> tuple[int, list[str]]:
     """Call ``fn(item)`` for each item under a progress bar; a failing image is reported and

@@ -27,7 +27,7 @@ from torch import nn
 from tqdm import tqdm
 
 from model_training.common.progress import progress
-from model_training.common.step_io import atomic_write, clear_done, mark_done
+from model_training.common.step_io import clear_done, mark_done, write_or_stop
 
 from . import distributed
 from .checkpoints import read_checkpoint
@@ -248,7 +248,7 @@ class MetricsLog:
                 writer.writeheader()
                 writer.writerows(self.rows)
 
-        atomic_write(self.path, write)
+        write_or_stop(self.path, write)
 
     def close(self) -> None:
         self.writer.close()
@@ -303,7 +303,7 @@ class Trainer:
             state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                          scheduler={"iteration": self.iteration}, best_score=self.best_score,
                          best_epoch=self.best_epoch, rng=rng_states)
-        atomic_write(self.out_dir / name, lambda tmp: torch.save(state, tmp))
+        write_or_stop(self.out_dir / name, lambda tmp: torch.save(state, tmp))
 
     def _restore(self) -> None:
         last = self.out_dir / "last.pt"
@@ -339,8 +339,8 @@ class Trainer:
         and the best is chosen again from last.pt's epoch on. Every rank keeps the same best;
         only rank 0 touches the files."""
         path = self.out_dir / "best.pt"
-        on_disk = (torch.load(path, map_location="cpu", weights_only=True)["epoch"]
-                   if path.is_file() else 0)
+        on_disk = (read_checkpoint(path, "start this step over with overwrite=true",
+                                   keys=("epoch",))["epoch"] if path.is_file() else 0)
         if on_disk == self.best_epoch:
             return
         if self.best_epoch != self.epoch:
@@ -391,16 +391,22 @@ class Trainer:
                 improved = self._update_best(metrics)
                 row["seconds"] = time.time() - started
                 rng_states = gather_from_ranks(_rng_state())  # a collective: every rank calls it
-                if self.is_main:  # last.pt first: a kill between the two is repaired on resume
+                # The row first: a resumed run drops rows after last.pt's epoch and logs them
+                # again. Then last.pt: a kill before best.pt is repaired on resume.
+                if self.is_main:
+                    log.epoch(row, self.iteration)
                     self._save("last.pt", full=True, rng_states=rng_states)
                     if improved:
                         self._save("best.pt", full=False)
-                    log.epoch(row, self.iteration)
                     self._note(self._summary_line(row))
         finally:
             if log is not None:
                 log.close()
         barrier()  # rank 0's checkpoints exist for every rank once fit returns
+        if self.validate_fn is not None and self.best_epoch == 0:
+            raise StepError(f"validation gave no '{self.best_metric}' that is a number in "
+                            f"{self.epoch} epochs (NaN: e.g. no val image has a positive "
+                            f"label); no best.pt was written")
         return {"best_metric": self.best_metric, "best_score": self.best_score,
                 "best_epoch": self.best_epoch, "epochs": self.epoch, "metrics": self.last_metrics}
 
