@@ -138,12 +138,14 @@ def test_resume_rewrites_best_pt_when_killed_between_last_and_best(tmp_path):
     assert torch.load(tmp_path / "best.pt", weights_only=True)["epoch"] == 2
 
 
-def test_resume_from_a_truncated_last_pt_is_one_line(tmp_path):
+@pytest.mark.parametrize("name", ["last.pt", "best.pt"])  # best.pt: issue 30
+def test_resume_from_a_truncated_checkpoint_is_one_line(tmp_path, name):
     _train(tmp_path, epochs=1)
-    last = tmp_path / "last.pt"
-    last.write_bytes(last.read_bytes()[:100])
-    with pytest.raises(StepError, match=f"^{last}: not a checkpoint this toolkit wrote, or "
-                                        f"truncated: start this step over with overwrite=true$"):
+    path = tmp_path / name
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(StepError, match=f"^{re.escape(str(path))}: not a checkpoint this toolkit "
+                                        f"wrote, or truncated: start this step over with "
+                                        f"overwrite=true$"):
         _train(tmp_path, epochs=2, resume=True)
 
 
@@ -195,11 +197,3 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp.")]
     assert not (tmp_path / "last.pt").exists()
 
-
-def test_resume_with_a_truncated_best_pt_is_one_line(tmp_path):
-    _train(tmp_path, epochs=1)
-    best = tmp_path / "best.pt"
-    best.write_bytes(best.read_bytes()[:100])
-    with pytest.raises(StepError, match=f"^{re.escape(str(best))}: not a checkpoint this toolkit wrote, or "
-                                        f"truncated: start this step over with overwrite=true$"):
-        _train(tmp_path, epochs=2, resume=True)
