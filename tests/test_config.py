@@ -222,3 +222,80 @@ def test_work_dir_refused_by_the_system_whoever_runs(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as err:
         load_config(None, [f"work_dir={tmp_path / 'run'}"], STEP_DEFAULTS)
     assert str(err.value) == f"key 'work_dir': folder {tmp_path} is not writable"
+
+
+def _step_schema(step: int):
+    from model_training.common.config import COMMON_DEFAULTS, merge_defaults
+    from model_training.common.steps import STEPS
+
+    return merge_defaults(COMMON_DEFAULTS, importlib.import_module(STEPS[step - 1].module).DEFAULTS)
+
+
+def _null_keys(defaults, prefix=""):
+    for key, value in defaults.items():
+        if isinstance(value, dict) and value:
+            yield from _null_keys(value, f"{prefix}{key}.")
+        elif value is None:
+            yield f"{prefix}{key}"
+
+
+@pytest.mark.parametrize("step", range(1, 8))
+def test_every_key_whose_default_is_null_declares_its_type(step):
+    """Issue 30: null said nothing of the type, so any value passed."""
+    schema = _step_schema(step)
+    untyped = [key for key in _null_keys(schema) if key not in schema.types]
+    assert not untyped and set(_null_keys(schema)), untyped
+
+
+@pytest.mark.parametrize("step, override, message", [
+    (1, "dataset.class_names=background,car,dog",  # was a 17-class dataset of single letters
+     "key 'dataset.class_names' must be a list, got 'background,car,dog'"),
+    (1, "dataset.class_names=[background]",
+     "key 'dataset.class_names' must be a list of >= 2 items, got ['background']"),
+    (2, "cams.scales=[]", "key 'cams.scales' must be a list of >= 1 items, got []"),
+    (2, "cams.input_long_side=1.5", "key 'cams.input_long_side' must be an integer, got 1.5"),
+    (3, "ir_labels.num_workers=two", "key 'ir_labels.num_workers' must be an integer, got 'two'"),
+    (4, "irn.radius=1", "key 'irn.radius' must be >= 2, got 1"),
+    (4, "data.resize_long=[320]", "key 'data.resize_long' must be a list of 2 items, got [320]"),
+    (5, "pseudo_masks.radius=1", "key 'pseudo_masks.radius' must be >= 2, got 1"),
+    (5, "pseudo_masks.exp_times=40", "key 'pseudo_masks.exp_times' must be in [0, 12], got 40"),
+    (6, "export.scales=[]", "key 'export.scales' must be a list of >= 1 items, got []"),
+    (6, "data.scale_range=[0.5]", "key 'data.scale_range' must be a list of 0 or 2 items, got [0.5]"),
+    (6, "loss.class_weights=2", "key 'loss.class_weights' must be a list, got 2"),
+])
+def test_settings_are_typed_and_sized_by_what_the_code_needs(step, override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override], _step_schema(step))
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize("override, key, value", [
+    ("work_dir=runs/exp #2", "work_dir", "runs/exp #2"),  # YAML cut it at the comment
+    ("dataset.labels_file=2012", "dataset.labels_file", "2012"),  # was the number 2012
+    ("predictions.split='007'", "predictions.split", "007"),
+    ("predictions.split=null", "predictions.split", None),
+    ("dataset.class_names=[bg, 'car #1']", "dataset.class_names", ["bg", "car #1"]),
+])
+def test_an_override_of_a_string_key_keeps_its_text(tmp_path, monkeypatch, override, key, value):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "2012").touch()
+    node = load_config(None, [override], _step_schema(7))
+    for part in key.split("."):
+        node = node[part]
+    assert node == value
+
+
+def test_a_string_key_set_to_a_list_in_a_file_is_one_line(tmp_path):
+    step = write(tmp_path / "step.yaml", {"model": {"init_from": ["a.pt"]}})
+    with pytest.raises(ConfigError, match=r"^key 'model.init_from' must be a string, got \['a.pt'\]$"):
+        load_config(step, [], _step_schema(1))
+
+
+def test_a_dataset_root_that_reads_as_a_number_is_a_folder_name(tmp_path, monkeypatch):
+    """Issue 30: dataset.root=2012 was Path(2012), a traceback."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="^key 'dataset.root': folder does not exist: 2012$"):
+        load_config(None, ["dataset.name=voc", "dataset.root=2012"], _step_schema(1))
+    (tmp_path / "2012").mkdir()
+    assert load_config(None, ["dataset.name=voc", "dataset.root=2012"],
+                       _step_schema(1)).dataset.root == "2012"

@@ -134,6 +134,20 @@ def test_step3_on_a_full_disk_exits_2_and_is_not_marked_done(tmp_path, capsys, m
     assert read_done(tmp_path / "3_ir_labels") is None
 
 
+@pytest.mark.parametrize("script,config,override,needle", [
+    (train_classifier, "1_classifier.yaml", "dataset.train_split=nosuch", "'nosuch'"),
+    (train_irn, "4_irn.yaml", "seed=1", "run step 3 first"),
+    (train_segmentation, "6_segmentation.yaml", "seed=1", "run step 5 first"),
+])
+def test_a_training_step_checks_its_data_before_it_claims_its_folder(
+        tmp_path, capsys, script, config, override, needle):
+    """Issue 30: the recipe written before the dataset settings were checked refused the
+    corrected command as 'made by other settings'."""
+    err = _fails_with_one_line(script, config, tmp_path, capsys, override)
+    assert needle in err
+    assert not [path for path in tmp_path.rglob("*") if path.is_file()]
+
+
 def test_a_step_whose_every_image_failed_is_not_marked_done(tmp_path, capsys, monkeypatch):
     """Issue 30: marked done with nothing written, it sent step 4 to an empty folder."""
     for image_id in ("train_00000", "train_00001"):

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from model_training.common.config import (AT_LEAST_1, FRACTION, POSITIVE, ConfigError, Schema,
-                                          resolve_device)
+from model_training.common.config import (AT_LEAST_1, AT_LEAST_ONE_ITEM, FRACTION, POSITIVE,
+                                          ConfigError, Schema, resolve_device)
 from model_training.common.image_step import start_image_step
 from model_training.common.image_step import summary_line as image_summary_line
 from model_training.common.models import load_cam_classifier
@@ -54,7 +54,9 @@ DEFAULTS = Schema({
     "cams.scales": POSITIVE,
     "cams.threshold": FRACTION,
     "cams.input_long_side": AT_LEAST_1,
-})
+}, types={"cams.checkpoint": str, "cams.target_layer": str, "cams.fine_layer": str,
+          "cams.input_long_side": int},
+   sizes={"cams.scales": AT_LEAST_ONE_ITEM})
 
 
 class _ImageList(Dataset):

@@ -40,7 +40,7 @@ DEFAULTS = Schema({
     "ir_labels.bilateral_srgb": POSITIVE,
     "ir_labels.*_compat": NON_NEGATIVE,
     "ir_labels.num_workers": NON_NEGATIVE,
-}, run_only={"ir_labels.num_workers"})
+}, run_only={"ir_labels.num_workers"}, types={"ir_labels.num_workers": int})
 
 
 def crf_params(crf_cfg) -> dict:

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from model_training.common.auto_thresholds import IRNET_VALUES
-from model_training.common.config import (AT_LEAST_1, FRACTION, NON_NEGATIVE, OPEN_FRACTION,
-                                          POSITIVE, AutoFloat, ConfigError, Schema, resolve_device)
+from model_training.common.config import (AT_LEAST_1, FRACTION, OPEN_FRACTION, POSITIVE,
+                                          AutoFloat, ConfigError, Range, Schema, resolve_device)
 from model_training.common.crf import IRNET_PARAMS, crf_inference
 from model_training.common.image_step import start_image_step
 from model_training.common.image_step import summary_line as image_summary_line
@@ -57,16 +57,16 @@ DEFAULTS = Schema({
         "save_rw": False,
     },
 }, ranges={
-    "pseudo_masks.radius": AT_LEAST_1,
+    "pseudo_masks.radius": Range(2),  # the path index links pixels at distance >= 1
     "pseudo_masks.beta": POSITIVE,
-    "pseudo_masks.exp_times": NON_NEGATIVE,
+    "pseudo_masks.exp_times": Range(0, 12),  # 2^exp_times sparse steps: 12 is 16x IRNet's 8
     "pseudo_masks.bg_thres": FRACTION,
     "pseudo_masks.bg_power": POSITIVE,
     "pseudo_masks.input_long_side": AT_LEAST_1,
     "pseudo_masks.crf_iterations": AT_LEAST_1,
     "pseudo_masks.crf_gt_prob": OPEN_FRACTION,  # the CRF takes log(p) and log(1 - p)
     "pseudo_masks.unsure_margin": FRACTION,
-})
+}, types={"pseudo_masks.checkpoint": str, "pseudo_masks.input_long_side": int})
 
 
 def _resize_maps(maps: torch.Tensor, size) -> torch.Tensor:

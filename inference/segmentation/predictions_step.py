@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from model_training.common.config import ConfigError, StepError
+from model_training.common.config import ConfigError, Schema, StepError
 from model_training.common.image_step import start_image_step
 from model_training.common.image_step import summary_line as image_summary_line
 from model_training.common.step_io import STEP_DIRS, atomic_write
@@ -19,14 +19,14 @@ SUBMIT_DIR = Path(__file__).resolve().parent / "submit"
 
 SHARDABLE = True
 
-DEFAULTS = {
+DEFAULTS = Schema({
     "predictions": {
         "split": None,  # None: dataset.test_split
         # The submission folder's own config (TTA scales, flip, input size, weights); None:
         # <work_dir>/6_segmentation/export_config.yaml, which step 6 writes beside model.pt.
         "config": None,
     },
-}
+}, types={"predictions.split": str, "predictions.config": str})
 
 
 def predicted_split(cfg) -> str:

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from model_training.common import distributed
 from model_training.common.config import (AT_LEAST_1, COMMON_DEFAULTS, FRACTION, NON_NEGATIVE,
-                                          POSITIVE, Config, ConfigError, Schema, merge_defaults)
+                                          NONE_OR_PAIR, PAIR, POSITIVE, Config, ConfigError,
+                                          Schema, merge_defaults)
 from model_training.common.datasets import (ImageLoadError, ImageSource, build_source,
                                             labels_to_vector)
 from model_training.common.datasets.voc import read_id_list
@@ -84,7 +85,8 @@ DEFAULTS = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, Schema({
     "loss.recam_weight": NON_NEGATIVE,
     "val.batch_size": AT_LEAST_1,
     "val.threshold": FRACTION,
-}, run_only={"val.batch_size"}))
+}, run_only={"val.batch_size"}, types={"model.init_from": str},
+   sizes={"data.resize_long": PAIR, "data.scale_range": NONE_OR_PAIR}))
 
 
 # ---- classes and images -------------------------------------------------------------------
@@ -285,9 +287,6 @@ def _loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=None,
 
 def _check_config(cfg: Config) -> None:
     check_backbone_keys("model", cfg.model.backbone, cfg.model.weights, cfg.model.output_stride)
-    for key in ("resize_long", "scale_range"):
-        if cfg.data[key] and len(cfg.data[key]) != 2:
-            raise ConfigError(f"key 'data.{key}' must be [low, high]")
 
 
 def step_inputs(cfg: Config) -> dict:
@@ -301,8 +300,6 @@ def run(cfg: Config) -> dict:
     started = time.time()
     _check_config(cfg)
     out_dir = classifier_dir(cfg.work_dir, cfg.variant)
-    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
-
     source = build_source(cfg.dataset, cfg.dataset.train_split)
     class_ids = output_class_ids(source, cfg.data.target_classes, cfg.data.exclude_classes)
     drop_ids = [class_id(source, c, "data.drop_images_with") for c in cfg.data.drop_images_with]
@@ -311,6 +308,8 @@ def run(cfg: Config) -> dict:
     if not ids:
         raise ConfigError("no training images left after 'data.drop_images_with' / 'data.train_list'")
     names = [source.class_names[c] for c in class_ids]
+    val_source = build_source(cfg.dataset, cfg.dataset.val_split) if cfg.dataset.val_split else None
+    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
     print(f"1_classifier: {len(ids)} training images ({dropped} dropped by drop_images_with), "
           f"{len(class_ids)} outputs: {', '.join(names)}", file=sys.stderr)
 
@@ -327,8 +326,7 @@ def run(cfg: Config) -> dict:
                            drop_last=len(sampler) > batch_size)
 
     validate_fn = None
-    if cfg.dataset.val_split:
-        val_source = build_source(cfg.dataset, cfg.dataset.val_split)
+    if val_source is not None:
         val_ids, val_labels, _ = training_images(val_source, val_source.ids, [], cfg.on_error)
         val_set = MultiLabelDataset(val_source, val_ids, val_labels, class_ids,
                                     _transform(cfg.data, False), substitute=False,

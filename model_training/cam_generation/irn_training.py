@@ -13,8 +13,9 @@ from pathlib import Path
 from torch.utils.data import DataLoader, Dataset
 
 from model_training.common import distributed
-from model_training.common.config import (AT_LEAST_1, COMMON_DEFAULTS, NON_NEGATIVE, POSITIVE,
-                                          ConfigError, Schema, merge_defaults)
+from model_training.common.config import (AT_LEAST_1, COMMON_DEFAULTS, NON_NEGATIVE, NONE_OR_PAIR,
+                                          PAIR, POSITIVE, ConfigError, Range, Schema,
+                                          merge_defaults)
 from model_training.common.datasets import build_source
 from model_training.common.models import check_backbone_keys, weights_error_names
 from model_training.common.models.irnet import build_irnet
@@ -47,11 +48,11 @@ DEFAULTS = merge_defaults(COMMON_DEFAULTS, TRAIN_DEFAULTS, Schema({
     "train": {"epochs": 3, "batch_size": 32, "lr": 0.1},
 }, ranges={
     "irn.displacement_lr_mult": POSITIVE,
-    "irn.radius": AT_LEAST_1,
+    "irn.radius": Range(2),  # the path index links pixels at distance >= 1
     "data.resize_long": AT_LEAST_1,
     "data.scale_range": POSITIVE,
     "data.crop_size": NON_NEGATIVE,  # 0 is refused with a reason when the step starts
-}))
+}, sizes={"data.resize_long": PAIR, "data.scale_range": NONE_OR_PAIR}))
 
 
 class IRLabelDataset(Dataset):
@@ -90,12 +91,12 @@ def run(cfg) -> dict:
     started = time.time()
     _check(cfg)
     out_dir = step_dir(cfg.work_dir, 4)
-    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
     source = build_source(cfg.dataset, cfg.irn.split)
     label_dir = step_dir(cfg.work_dir, 3)
     ids = [i for i in source.ids if (label_dir / f"{i}.png").is_file()]
     if not ids:
         raise ConfigError(f"no IR labels in {label_dir}: run step 3 first")
+    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
     if len(ids) < len(source.ids):
         print(f"4_irn: {len(source.ids) - len(ids)} images have no IR label and are left out",
               file=sys.stderr)

@@ -54,6 +54,10 @@ NON_NEGATIVE = Range(0)
 POSITIVE = Range(0, open_low=True)
 FRACTION = Range(0, 1)
 OPEN_FRACTION = Range(0, 1, open_low=True, open_high=True)
+# item counts of list keys (Schema.sizes)
+AT_LEAST_ONE_ITEM = Range(1)
+PAIR = (2,)
+NONE_OR_PAIR = (0, 2)
 
 
 class Schema(dict):
@@ -62,13 +66,19 @@ class Schema(dict):
     ("*" matches anything; a list key has each item checked). Checked when a config loads,
     so a value that would train nothing or stack-trace later stops the step first.
     ``run_only``: the dotted keys that change how the step runs, not what it writes
-    (provenance leaves them out, so changing them never makes a folder stale)."""
+    (provenance leaves them out, so changing them never makes a folder stale). ``types``:
+    the type of each key whose default is null (str, int, float or list), since null says
+    none. ``sizes``: the item counts a list key allows (a Range or the counts themselves),
+    e.g. at least one where an empty list would run and write nothing."""
 
     def __init__(self, defaults: Mapping = (), ranges: Mapping[str, Range] | None = None,
-                 run_only: Iterable[str] = ()):
+                 run_only: Iterable[str] = (), types: Mapping[str, type] | None = None,
+                 sizes: Mapping[str, Range | tuple[int, ...]] | None = None):
         super().__init__(defaults)
         self.ranges = dict(ranges or {})
         self.run_only = frozenset(run_only)
+        self.types = dict(types or {})
+        self.sizes = dict(sizes or {})
 
 
 # Keys shared by every step; the per-dataset ``common.yaml`` sets them.
@@ -105,7 +115,9 @@ COMMON_DEFAULTS = Schema({
     "num_workers": NON_NEGATIVE,
     "dataset.toy.seed": NON_NEGATIVE,
     "dataset.toy.num_*": AT_LEAST_1,
-}, run_only={"work_dir", "device", "num_workers", "overwrite", "on_error", "shard"})
+}, run_only={"work_dir", "device", "num_workers", "overwrite", "on_error", "shard"},
+   types={"dataset.root": str, "dataset.class_names": list, "dataset.labels_file": str},
+   sizes={"dataset.class_names": Range(2), "dataset.toy.image_size": PAIR})
 
 
 class StepError(Exception):
@@ -140,6 +152,8 @@ def merge_defaults(*parts: Mapping) -> Schema:
         _deep_update(merged, copy.deepcopy(dict(part)))
         merged.ranges.update(getattr(part, "ranges", {}))
         merged.run_only |= getattr(part, "run_only", frozenset())
+        merged.types.update(getattr(part, "types", {}))
+        merged.sizes.update(getattr(part, "sizes", {}))
     return merged
 
 
@@ -182,16 +196,28 @@ def read_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
     return merged
 
 
-def parse_override(text: str) -> tuple[str, Any]:
-    """``train.lr=0.01`` -> ("train.lr", 0.01); the value is parsed as YAML."""
+NULL_TEXTS = ("", "~", "null", "Null", "NULL")
+
+
+def parse_override(text: str, text_keys: Iterable[str] = ()) -> tuple[str, Any]:
+    """``train.lr=0.01`` -> ("train.lr", 0.01): the value parsed as YAML, except for a key
+    in ``text_keys`` (strings and paths), which keeps the text as typed (one pair of quotes
+    around it dropped): ``work_dir=runs/exp #2`` keeps its ``#``, ``dataset.root=2012`` is a
+    folder name. null, ~ or nothing is null either way."""
     key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise ConfigError(f"override must look like key=value, got: {text!r}")
+    if key in text_keys:
+        value = raw.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            return key, value[1:-1]
+        return key, None if value in NULL_TEXTS else value
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    return key, value
 
 
 def _number(key: str, value: Any, also: str = "") -> int | float:
@@ -241,9 +267,9 @@ def _check_type(key: str, value: Any, default: Any) -> Any:
 
 
 def _validate(values: Mapping, defaults: Mapping, prefix: str, source: str,
-              ranges: Mapping[str, Range]) -> dict:
-    """The checked values (not yet merged): an unknown key, a wrong type or a number out of
-    its range raises ConfigError."""
+              schema: Schema) -> dict:
+    """The checked values (not yet merged): an unknown key, a wrong type, a list of too few
+    or too many items or a number out of its range raises ConfigError."""
     checked: dict = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
@@ -253,11 +279,33 @@ def _validate(values: Mapping, defaults: Mapping, prefix: str, source: str,
         if isinstance(default, dict) and default:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"key '{dotted}' must be a mapping, got {value!r}")
-            checked[key] = _validate(value, default, dotted + ".", source, ranges)
-        else:
-            checked[key] = _check_range(dotted, _check_type(dotted, value, default), default,
-                                        ranges)
+            checked[key] = _validate(value, default, dotted + ".", source, schema)
+            continue
+        if default is None and dotted in schema.types:
+            default = schema.types[dotted]()  # an empty value of the declared type
+        value = _check_type(dotted, value, default)
+        _check_size(dotted, value, schema.sizes.get(dotted))
+        checked[key] = _check_range(dotted, value, default, schema.ranges)
     return checked
+
+
+def _check_size(key: str, value: Any, size: Range | tuple[int, ...] | None) -> None:
+    if size is None or value is None or len(value) in size:
+        return
+    count = size if isinstance(size, Range) else " or ".join(map(str, size))
+    raise ConfigError(f"key '{key}' must be a list of {count} items, got {value!r}")
+
+
+def text_keys(schema: Schema, prefix: str = "", defaults: Mapping | None = None) -> set[str]:
+    """The dotted keys that hold strings or paths: an override keeps their text as typed."""
+    keys = set()
+    for key, default in (schema if defaults is None else defaults).items():
+        dotted = f"{prefix}{key}"
+        if isinstance(default, dict) and default:
+            keys |= text_keys(schema, dotted + ".", default)
+        elif isinstance(default, str) or (default is None and schema.types.get(dotted) is str):
+            keys.add(dotted)
+    return keys
 
 
 def _check_range(key: str, value: Any, default: Any, ranges: Mapping[str, Range]) -> Any:
@@ -287,13 +335,13 @@ def load_config(
 ) -> Config:
     """Defaults <- YAML file (with ``_base_``) <- ``key=value`` overrides, all validated."""
     defaults = merge_defaults(COMMON_DEFAULTS, defaults or {})
-    ranges = defaults.ranges
-    from_file = (_validate(read_yaml(path), defaults, "", str(path), ranges)
+    from_file = (_validate(read_yaml(path), defaults, "", str(path), defaults)
                  if path is not None else {})
     patch: dict = {}
+    strings = text_keys(defaults)
     for text in overrides:
-        _set_dotted(patch, *parse_override(text))
-    from_cli = _validate(patch, defaults, "", "command-line overrides", ranges)
+        _set_dotted(patch, *parse_override(text, strings))
+    from_cli = _validate(patch, defaults, "", "command-line overrides", defaults)
     cfg = merge_defaults(defaults, from_file, from_cli)
     check_paths(cfg)
     parse_shard(cfg.get("shard"))

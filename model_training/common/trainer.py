@@ -119,10 +119,11 @@ def flatten_metrics(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, f
 
 
 def start_training_step(cfg, out_dir: Path, defaults: Mapping, inputs: Mapping) -> torch.device:
-    """What a training step (1, 4, 6) does before it builds its data and model: claim the
-    folder (``provenance``), refuse to start over on a previous run unless told
-    (``check_resume``), join torchrun's processes and seed, each rank its own augmentations.
-    Returns this process's device."""
+    """What a training step (1, 4, 6) does once its dataset settings are checked (a wrong one
+    must not leave a recipe that refuses the corrected command) and before it builds its
+    model: claim the folder (``provenance``), refuse to start over on a previous run unless
+    told (``check_resume``), join torchrun's processes and seed, each rank its own
+    augmentations. Returns this process's device."""
     claim_folder(out_dir, cfg, inputs, defaults)
     check_resume(out_dir, cfg.resume, cfg.overwrite)
     device = distributed.setup(cfg)

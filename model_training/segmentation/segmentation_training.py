@@ -26,8 +26,9 @@ from inference.segmentation.submit.generate_predictions import (checkpoint_metad
                                                                 predict_probabilities)
 from model_training.common import distributed
 from model_training.common.checkpoints import read_checkpoint
-from model_training.common.config import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, Config, ConfigError,
-                                          Schema, merge_defaults)
+from model_training.common.config import (AT_LEAST_1, AT_LEAST_ONE_ITEM, NON_NEGATIVE,
+                                          NONE_OR_PAIR, POSITIVE, Config, ConfigError, Schema,
+                                          merge_defaults)
 from model_training.common.datasets import ImageLoadError, ImageSource, build_source
 from model_training.common.metrics import IGNORE_INDEX, ConfusionMatrix
 from model_training.common.models.segmentation import build_model, model_config_from
@@ -86,7 +87,8 @@ DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
     "loss.class_weights": NON_NEGATIVE,
     "val.max_images": NON_NEGATIVE,
     "export.scales": POSITIVE,
-}))
+}, types={"pseudo_mask_dir": str, "data.input_long_side": int, "loss.class_weights": list},
+   sizes={"data.scale_range": NONE_OR_PAIR, "export.scales": AT_LEAST_ONE_ITEM}))
 
 
 # ---- model --------------------------------------------------------------------------------
@@ -250,10 +252,6 @@ def export_for_submission(out_dir: Path, checkpoint: Mapping, cfg: Config) -> Pa
 # ---- the step -----------------------------------------------------------------------------
 
 def _check_settings(cfg: Config, num_classes: int) -> None:
-    long_side = cfg.data.input_long_side
-    if long_side is not None and (not isinstance(long_side, int) or isinstance(long_side, bool)
-                                  or long_side < 1):
-        raise ConfigError(f"key 'data.input_long_side' must be null or a positive integer, got {long_side!r}")
     weights = cfg.loss.class_weights
     if weights is not None and (not isinstance(weights, list) or len(weights) != num_classes):
         raise ConfigError(f"key 'loss.class_weights' must be null or a list of {num_classes} numbers")
@@ -327,12 +325,12 @@ def run(cfg: Config) -> dict:
     """Train, validate and export; returns the best val mIoU (percent) and the file paths."""
     started = time.time()
     out_dir = step_dir(cfg.work_dir, STEP)
-    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
     dataset_cfg = cfg.dataset
     train_source = build_source(dataset_cfg, dataset_cfg.train_split)
     val_source = build_source(dataset_cfg, dataset_cfg.val_split)
     mask_dir = mask_dir_for(cfg)
     _check_settings(cfg, train_source.num_classes)
+    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
 
     result = _train(cfg, device, out_dir, mask_dir, train_source, val_source)
     validated = val_source.has_masks
