@@ -1,13 +1,17 @@
 """Provenance: a step folder records what made it, and a run with other settings or inputs
 stops with one line instead of skipping or mixing outputs."""
+import fcntl
 import importlib
 import json
+import os
+import re
 
 import pytest
 import torch
 
-from model_training.common.config import (COMMON_DEFAULTS, ConfigError, Schema, load_config,
-                                          merge_defaults)
+from model_training.common.config import (COMMON_DEFAULTS, ConfigError, Schema, StepError,
+                                          load_config, merge_defaults)
+from model_training.common.folder_lock import LOCK_FILE, release
 from model_training.common.provenance import (PROVENANCE_FILE, claim_folder, input_identity,
                                               output_settings, stale_reasons)
 from model_training.common.steps import STEPS
@@ -75,6 +79,7 @@ def test_a_changed_upstream_checkpoint_makes_the_next_step_stale(tmp_path):
     assert input_identity(upstream) == "unfinished"
     mark_done(upstream, {})
     claim_folder(folder, _cfg(tmp_path), {"classifier": upstream}, DEFAULTS)
+    (folder / "a.npz").touch()
     assert stale_reasons(folder, _cfg(tmp_path), {"classifier": upstream}, DEFAULTS) == []
     torch.save({"w": torch.ones(2)}, upstream / "best.pt")  # step 1 redone, same settings
     reasons = stale_reasons(folder, _cfg(tmp_path), {"classifier": upstream}, DEFAULTS)
@@ -86,6 +91,7 @@ def test_a_key_added_to_the_code_since_counts_only_off_its_default(tmp_path):
     holds its default; set to another value, the key makes the folder stale."""
     folder = tmp_path / "3_ir_labels"
     claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
+    (folder / "a.png").touch()
     grown = {**DEFAULTS, "ir_labels": {**DEFAULTS["ir_labels"], "new_key": 0.5}}
     at_default = load_config(None, [f"work_dir={tmp_path}"], grown)
     assert stale_reasons(folder, at_default, {}, grown) == []
@@ -116,9 +122,69 @@ def test_a_claim_in_progress_is_not_an_output(tmp_path):
     with pytest.raises(ConfigError, match="no provenance.json"):
         claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
 
+def test_a_recipe_that_wrote_nothing_binds_no_rerun(tmp_path):
+    """Issue 30: a start that failed after its claim (e.g. on weights that do not fit) left a
+    recipe that refused the corrected command as 'made by other settings'."""
+    folder = tmp_path / "3_ir_labels"
+    claim_folder(folder, _cfg(tmp_path, "ir_labels.conf_fg_thres=0.9"), {}, DEFAULTS)
+    claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
+    assert json.loads((folder / PROVENANCE_FILE).read_text())["settings"]["ir_labels.conf_fg_thres"] == 0.55
+    assert "conf_fg_thres: 0.55" in (folder / "config.yaml").read_text()
+
+
+def _held_by_another_run(path, kind=fcntl.LOCK_EX) -> int:
+    """A lock on ``path`` as another process holds it (flock: another open file is another
+    holder, in this process too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(descriptor, kind | fcntl.LOCK_NB)
+    return descriptor
+
+
+def test_a_second_run_on_a_folder_in_use_is_refused_and_deletes_nothing(tmp_path):
+    """Issue 30: nothing locked a step folder; a second run's end swept the first one's
+    temporary files."""
+    folder = tmp_path / "3_ir_labels"
+    other = _held_by_another_run(folder / LOCK_FILE)
+    in_flight = folder / ".tmp.a.x1y2z3.png"
+    in_flight.write_bytes(b"being written")
+    try:
+        with pytest.raises(StepError, match=f"^{re.escape(str(folder))} is being written by "
+                                            f"another run .*: wait for it to end, or use another "
+                                            f"work_dir$"):
+            claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
+    finally:
+        os.close(other)
+    assert in_flight.is_file() and not (folder / PROVENANCE_FILE).exists()
+    claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)  # the other run has ended
+
+
+def test_shards_share_a_folder_but_not_a_shard(tmp_path):
+    folder = tmp_path / "2_cams"
+    claim_folder(folder, _cfg(tmp_path, "shard=0/2"), {}, DEFAULTS)
+    release(folder)  # shard 0 goes on in another process; this one becomes shard 1
+    others = [_held_by_another_run(folder / LOCK_FILE, fcntl.LOCK_SH),
+              _held_by_another_run(folder / f"{LOCK_FILE}.0-of-2")]
+    try:
+        claim_folder(folder, _cfg(tmp_path, "shard=1/2"), {}, DEFAULTS)
+        release(folder)
+        with pytest.raises(StepError, match="^shard 0/2 of .* is being written by another run"):
+            claim_folder(folder, _cfg(tmp_path, "shard=0/2"), {}, DEFAULTS)
+        with pytest.raises(StepError, match="is being written by another run"):
+            claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
+        # shard 0 has written nothing yet, but its recipe binds a shard of other settings
+        with pytest.raises(ConfigError, match="made by other settings"):
+            claim_folder(folder, _cfg(tmp_path, "shard=1/2", "ir_labels.conf_fg_thres=0.9"), {},
+                         DEFAULTS)
+    finally:
+        for descriptor in others:
+            os.close(descriptor)
+
+
 def test_resume_may_raise_the_epochs_but_not_change_other_settings(tmp_path):
     folder = tmp_path / "1_classifier"
     claim_folder(folder, _cfg(tmp_path), {}, DEFAULTS)
+    (folder / "last.pt").touch()
     claim_folder(folder, _cfg(tmp_path, "resume=true", "train.epochs=6"), {}, DEFAULTS)
     assert json.loads((folder / PROVENANCE_FILE).read_text())["settings"]["train.epochs"] == 6
     with pytest.raises(ConfigError, match="ir_labels.conf_fg_thres"):

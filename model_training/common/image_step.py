@@ -16,6 +16,7 @@ from typing import Mapping
 from .auto_thresholds import resolve_auto
 from .config import StepError
 from .datasets import ImageSource, build_source
+from .folder_lock import release
 from .provenance import claim_folder
 from .step_io import clear_done, ids_with_inputs, mark_done, pending_ids, shard_ids, step_dir
 from .steps import STEPS
@@ -42,6 +43,7 @@ class ImageStep:
                    "skipped_existing": len(self.ids) - len(self.todo), **self.counts, **extra,
                    "seconds": round(time.time() - self.started, 2)}
         mark_done(self.out_dir, summary, self.shard)
+        release(self.out_dir)
         return summary
 
 

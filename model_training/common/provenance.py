@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 from model_training.common.config import COMMON_DEFAULTS, ConfigError, merge_defaults
 
+from .folder_lock import LOCK_FILE, lock_folder
 from .step_io import DONE_FILE, TEMP_PREFIX, atomic_write, save_config
 
 PROVENANCE_FILE = "provenance.json"
@@ -110,25 +111,30 @@ def differences(recorded: Mapping, wanted: Mapping, defaults: Mapping) -> list[s
 
 def _holds_outputs(folder: Path) -> bool:
     """Whether ``folder`` holds a step's outputs: not merely the files a claim writes, nor
-    the temporary file of one in progress (another torchrun rank may be claiming it now)."""
+    the temporary file of one in progress (another torchrun rank may be claiming it now),
+    nor the locks."""
     return folder.is_dir() and any(
-        p.name not in ("config.yaml", "tb", PROVENANCE_FILE) and not p.name.startswith(TEMP_PREFIX)
-        for p in folder.iterdir())
+        p.name not in ("config.yaml", "tb", PROVENANCE_FILE)
+        and not p.name.startswith((TEMP_PREFIX, LOCK_FILE)) for p in folder.iterdir())
 
 
 def stale_reasons(folder: str | os.PathLike, cfg: Mapping, inputs: Mapping,
                   defaults: Mapping) -> list[str]:
     """Why the outputs in ``folder`` were not made by this recipe ([] when they were, or when
-    there are none yet); ``defaults`` are the step's ``DEFAULTS``. With ``resume=true`` a
-    training step may change ``RESUMABLE_KEYS``."""
+    there are none yet: a recipe that wrote nothing binds no rerun); ``defaults`` are the
+    step's ``DEFAULTS``. With ``resume=true`` a training step may change ``RESUMABLE_KEYS``."""
     return _reasons(Path(folder), read_recipe(folder), build_recipe(cfg, inputs, defaults), cfg,
                     defaults)
 
 
 def _reasons(folder: Path, recorded: dict | None, recipe: dict, cfg: Mapping,
-             defaults: Mapping) -> list[str]:
+             defaults: Mapping, bind_without_outputs: bool = False) -> list[str]:
+    """``bind_without_outputs``: a recorded recipe counts even before it wrote an output
+    (another process that claimed the folder may be about to write)."""
     if recorded is None:
         return ["it has no provenance.json (made by an older version)"] if _holds_outputs(folder) else []
+    if not (bind_without_outputs or _holds_outputs(folder)):
+        return []
     default_settings = _as_json(output_settings(merge_defaults(COMMON_DEFAULTS, defaults), defaults))
     found = differences(recorded, recipe, default_settings)
     if cfg.get("resume"):
@@ -145,13 +151,21 @@ def stale_message(folder: str | os.PathLike, reasons: list[str]) -> str:
 
 def claim_folder(folder: str | os.PathLike, cfg: Mapping,
                  inputs: Mapping[str, str | os.PathLike], defaults: Mapping) -> None:
-    """Call as a step starts, before it writes: stop if ``folder`` holds outputs of another
-    recipe (unless ``overwrite``), else record this recipe and the resolved config. An
-    unchanged recipe leaves both files as they are; a changed one (with ``overwrite``) also
-    forgets that the folder had finished. ``defaults``: the step's ``DEFAULTS``."""
+    """Call as a step starts, before it writes: lock the folder (``folder_lock``: another run
+    in it is refused), stop if it holds outputs of another recipe (unless ``overwrite``),
+    else record this recipe and the resolved config. An unchanged recipe leaves both files
+    as they are; a changed one (with ``overwrite``, or where the recorded one wrote nothing
+    and no other process is in the folder) also forgets that the folder had finished.
+    ``defaults``: the step's ``DEFAULTS``."""
     folder = Path(folder)
+    with lock_folder(folder, cfg.get("shard")) as alone:
+        _claim(folder, cfg, inputs, defaults, bind_without_outputs=not alone)
+
+
+def _claim(folder: Path, cfg: Mapping, inputs: Mapping, defaults: Mapping,
+           bind_without_outputs: bool) -> None:
     recorded, recipe = read_recipe(folder), build_recipe(cfg, inputs, defaults)
-    reasons = _reasons(folder, recorded, recipe, cfg, defaults)
+    reasons = _reasons(folder, recorded, recipe, cfg, defaults, bind_without_outputs)
     if reasons and not cfg.get("overwrite"):
         raise ConfigError(stale_message(folder, reasons))
     if recorded != recipe:

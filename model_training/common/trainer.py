@@ -34,6 +34,7 @@ from .checkpoints import read_checkpoint
 from .config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, Schema, StepError
 from .distributed import (barrier, broadcast_from_main, gather_from_ranks, is_main, mean_over_ranks,
                           rank, world_size)
+from .folder_lock import release
 from .provenance import claim_folder
 
 # The ``train`` section every training step shares (plus the top-level ``resume`` key).
@@ -136,6 +137,7 @@ def finish_training_step(out_dir: Path, summary: dict, started: float) -> dict:
     summary = {**summary, "seconds": round(time.time() - started, 2)}
     if is_main():
         mark_done(out_dir, summary)
+    release(out_dir)
     return summary
 
 
