@@ -212,6 +212,63 @@ def test_bad_checkpoint_metadata_is_a_clear_error(network, tmp_path, change, mes
         gp.load_checkpoint(path)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("model_config", ["DeepLabV3Plus"], "model_config must be a mapping, got list"),
+    ("model_config", {**MODEL_CONFIG, "num_classes": "4"}, "num_classes must be an integer"),
+    ("model_config", {**MODEL_CONFIG, "arch": None}, "model_config.arch must be a string"),
+    ("class_names", "bcst", "class_names must be a list of strings"),  # 4 letters, 4 classes
+    ("normalize", [0.5, 0.5, 0.5], "normalize must be a mapping"),
+    ("normalize", {"mean": 0.5, "std": STD}, "normalize.mean must be a list of 3 numbers"),
+    ("model", [1, 2], "weights do not match model_config"),
+])
+def test_wrongly_typed_checkpoint_metadata_is_one_line(network, tmp_path, capsys, key, value,
+                                                      message):
+    """Issue 30: these were tracebacks (or, for the class names, a silently wrong list)."""
+    checkpoint = gp.make_checkpoint(network.state_dict(), MODEL_CONFIG, CLASS_NAMES, MEAN, STD)
+    checkpoint[key] = value
+    torch.save(checkpoint, tmp_path / "bad.pt")
+    write_images(tmp_path / "images")
+    assert gp.main([str(tmp_path / "out"), str(tmp_path / "images"),
+                    "--weights", str(tmp_path / "bad.pt")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'bad.pt'}: ") and message in err[0]
+
+
+@pytest.mark.parametrize("layout", ["plain", "voc"])
+def test_save_dir_may_not_be_the_image_folder(checkpoint_file, tmp_path, capsys, layout):
+    """Issue 30: SAVE_DIR = DATA_DIR found each .png image 'already done' (with --overwrite,
+    replaced it by its mask)."""
+    data_dir = tmp_path / "data"
+    images = data_dir / "JPEGImages" if layout == "voc" else data_dir
+    write_images(images)
+    before = {path.name: path.read_bytes() for path in images.iterdir()}
+    for extra in ([], ["--overwrite"]):
+        assert gp.main([str(images), str(data_dir), "--weights", str(checkpoint_file), *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "is the image folder" in err[0] and "choose another folder" in err[0]
+    assert {path.name: path.read_bytes() for path in images.iterdir()} == before
+
+
+def test_a_save_dir_that_cannot_take_files_is_one_line(checkpoint_file, tmp_path, capsys,
+                                                       monkeypatch):
+    """Issue 30: a full or unwritable SAVE_DIR was a traceback."""
+    write_images(tmp_path / "images")
+    (tmp_path / "a_file").write_text("")
+    assert gp.main([str(tmp_path / "a_file" / "out"), str(tmp_path / "images"),
+                    "--weights", str(checkpoint_file)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: cannot create SAVE_DIR")
+
+    def full_disk(path, mask):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(gp, "save_png", full_disk)
+    assert gp.main([str(tmp_path / "out"), str(tmp_path / "images"),
+                    "--weights", str(checkpoint_file)]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].endswith(".png: No space left on device: stopped")
+
+
 def test_key_value_overrides_win_over_the_config_and_are_checked(tmp_path):
     args = gp.parse_args(["out", "data", "scales=[1.0, 1.5]", "flip=false",
                                  "input_long_side=64", "weights=w.pt"])

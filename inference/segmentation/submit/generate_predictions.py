@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -83,26 +84,46 @@ class LoadedModel(NamedTuple):
     model_config: dict[str, Any]
 
 
-def _validate_model_config(model_config: dict[str, Any]) -> None:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_model_config(model_config: Any) -> None:
+    if not isinstance(model_config, dict):
+        raise CheckpointError(f"model_config must be a mapping, got {type(model_config).__name__}")
     missing = [key for key in REQUIRED_MODEL_KEYS if key not in model_config]
     if missing:
         raise CheckpointError(f"model_config is missing {', '.join(missing)}")
     unknown = set(model_config) - set(REQUIRED_MODEL_KEYS) - set(OPTIONAL_MODEL_KEYS)
     if unknown:
         raise CheckpointError(f"model_config has unknown key(s) {', '.join(sorted(unknown))}")
-    if not 1 <= int(model_config["num_classes"]) <= 256:
-        raise CheckpointError("model_config.num_classes must be in 1..256 (uint8 PNG output)")
+    for key in ("arch", "encoder_name"):
+        if not isinstance(model_config[key], str):
+            raise CheckpointError(f"model_config.{key} must be a string, got {model_config[key]!r}")
+    if not _is_int(model_config["num_classes"]) or not 1 <= model_config["num_classes"] <= 256:
+        raise CheckpointError("model_config.num_classes must be an integer in 1..256 (uint8 PNG "
+                              f"output), got {model_config['num_classes']!r}")
+    if not _is_int(model_config.get("encoder_output_stride", 16)):
+        raise CheckpointError("model_config.encoder_output_stride must be an integer")
 
 
-def _validate_metadata(model_config: dict, class_names: list, normalize: dict) -> None:
+def _validate_metadata(model_config: Any, class_names: Any, normalize: Any) -> None:
+    """The checkpoint's metadata as this script reads it: a wrong type is one line, never a
+    traceback, and never a silently wrong reading (a string of class names is no list)."""
     _validate_model_config(model_config)
+    if not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names):
+        raise CheckpointError("class_names must be a list of strings")
     if len(class_names) != model_config["num_classes"]:
         raise CheckpointError(
             f"class_names has {len(class_names)} entries, num_classes is {model_config['num_classes']}"
         )
+    if not isinstance(normalize, dict):
+        raise CheckpointError("normalize must be a mapping with mean and std")
     for key in ("mean", "std"):
-        if len(normalize.get(key, ())) != 3:
-            raise CheckpointError(f"normalize.{key} must be a list of 3 floats (RGB)")
+        values = normalize.get(key)
+        if not (isinstance(values, (list, tuple)) and len(values) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise CheckpointError(f"normalize.{key} must be a list of 3 numbers (RGB)")
 
 
 def build_model(model_config: dict[str, Any]) -> nn.Module:
@@ -160,15 +181,17 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> Loa
     missing = [key for key in REQUIRED_CHECKPOINT_KEYS if key not in checkpoint]
     if missing:
         raise CheckpointError(f"{path}: checkpoint is missing {', '.join(missing)}")
-    model_config = dict(checkpoint["model_config"])
-    class_names = [str(name) for name in checkpoint["class_names"]]
-    normalize = checkpoint["normalize"]
-    _validate_metadata(model_config, class_names, normalize)
+    model_config, class_names, normalize = (checkpoint[key] for key in REQUIRED_CHECKPOINT_KEYS[1:])
+    try:
+        _validate_metadata(model_config, class_names, normalize)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    model_config, class_names = dict(model_config), list(class_names)
 
     model = build_model(model_config)
     try:
         model.load_state_dict(checkpoint["model"])
-    except RuntimeError as error:
+    except (RuntimeError, TypeError) as error:  # TypeError: "model" is no state dict
         first_line = str(error).splitlines()[0]
         raise CheckpointError(f"{path}: weights do not match model_config: {first_line}") from error
     model.to(device).eval()
@@ -225,13 +248,35 @@ def _check_config(cfg: dict[str, Any], path: Path) -> None:
 # ----------------------------------------------------------------------------- images
 
 
+def image_folder(data_dir: Path) -> Path:
+    """Where DATA_DIR's images are: its JPEGImages/ where it has one (a dataset folder)."""
+    return data_dir / "JPEGImages" if (data_dir / "JPEGImages").is_dir() else data_dir
+
+
+def check_save_dir(save_dir: Path, data_dir: Path, recursive: bool) -> None:
+    """SAVE_DIR may not be the image folder (nor below it, when read recursively): a mask
+    would replace a .png image of the same name, and the next run would read the masks as
+    images. It must also take files, before any image is predicted."""
+    images, target = image_folder(data_dir).resolve(), save_dir.resolve()
+    if target == images or (recursive and images in target.parents):
+        raise UsageError(f"SAVE_DIR {save_dir} is {'inside ' if target != images else ''}the "
+                         f"image folder {images}: masks would replace or join the images; "
+                         f"choose another folder")
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create SAVE_DIR {save_dir}: {error.strerror or error}") from None
+    if not os.access(save_dir, os.W_OK | os.X_OK):
+        raise UsageError(f"SAVE_DIR {save_dir} is not writable")
+
+
 def list_images(data_dir: Path, recursive: bool, ids_file: Path | None = None) -> list[tuple[str, Path]]:
     """(output name, image path) pairs, sorted by name.
 
     DATA_DIR is a folder of images, or a dataset folder holding JPEGImages/. The output name
     is the path below the image folder without its extension; an id list keeps only those.
     """
-    image_dir = data_dir / "JPEGImages" if (data_dir / "JPEGImages").is_dir() else data_dir
+    image_dir = image_folder(data_dir)
     found: dict[str, Path] = {}
     for path in sorted(image_dir.glob("**/*" if recursive else "*")):
         if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
@@ -409,7 +454,11 @@ def predict_folder(
             failed += 1
             continue
         tensor = image_to_tensor(image, loaded.mean, loaded.std, device)
-        save_png(save_dir / f"{name}.png", predict_mask(loaded.model, tensor, cfg, amp))
+        mask_path = save_dir / f"{name}.png"
+        try:
+            save_png(mask_path, predict_mask(loaded.model, tensor, cfg, amp))
+        except OSError as error:  # a full or read-only disk: every later image would fail too
+            raise UsageError(f"cannot write {mask_path}: {error.strerror or error}: stopped") from None
         done += 1
     return done, failed
 
@@ -422,6 +471,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"weights file not found: {weights}")
     device = resolve_device(cfg["device"])
     loaded = load_checkpoint(weights, device)
+    check_save_dir(args.save_dir, args.data_dir, cfg["recursive"])  # creates it: inputs first
 
     shard = images[shard_index::shard_count]
     pending = [
