@@ -30,7 +30,7 @@ from model_training.common.config import (COMMON_DEFAULTS, ConfigError, StepErro
                                           merge_defaults, parse_override)
 from model_training.common.datasets import build_source
 from model_training.common.provenance import stale_message, stale_reasons
-from model_training.common.step_cli import exit_on_config_error
+from model_training.common.step_cli import error_line, exit_on_config_error
 from model_training.common.step_io import STEP_DIRS, read_done
 
 # The step modules in running order (model_training/common/steps.py): step n's config is
@@ -103,7 +103,7 @@ def run_steps(step_configs, label: str = "") -> dict:
         try:
             summary = step.run(cfg)
         except StepError as err:
-            raise StepError(f"[{shown}] {err}") from None
+            raise StepError(f"[{shown}] {error_line(err)}") from None
         print(f"[{shown}] {step.summary_line(summary)}")
         seconds[name] = round(time.time() - start, 2)
     return seconds
@@ -134,7 +134,8 @@ def main(argv=None) -> dict:
     cam_split = next(c for name, _, c in step_configs if name == STEP_DIRS[2]).cams.split
     if args.gt_bound:
         seconds[GT_BOUND_DIR] = run_gt_bound(args.config_dir, args.overrides, cfg.work_dir)
-    stages = exit_on_config_error(score_stages, cfg, cam_split, STEPS[6].predicted_split(cfg))
+    stages = exit_on_config_error(score_stages, cfg, cam_split, STEPS[6].predicted_split(cfg),
+                                  args.gt_bound)
     report = build_report(cfg, stages, seconds)
     write_report(report, cfg.work_dir)
     print(format_report(report))

@@ -2,6 +2,7 @@
 one tiny end-to-end training run on toy data."""
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from model_training.common.models.weights import (WeightsError, efficientnet_lit
                                                   read_state_dict)
 from model_training.common.sampling import RepeatFactorSampler, repeat_factors
 from model_training.common.transforms import build_transform, image_to_tensor
+from tests.conftest import REPO
 
 TOY = {"name": "toy", "toy": {"num_train": 12, "num_val": 8, "num_test": 4, "image_size": [48, 64]}}
 
@@ -201,6 +203,25 @@ def test_training_carries_on_past_unreadable_images(tmp_path, capsys):
     assert "b.jpg" in err and "d.jpg" in err
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_on_error_stop_ends_the_step_with_one_line(tmp_path, capsys, num_workers):
+    """Issue 30: on_error=stop re-raised the image's error as a traceback; from a DataLoader
+    worker it comes back with the worker's traceback in its message."""
+    from model_training.cam_generation import train_classifier
+
+    make_voc_with_bad_images(tmp_path / "voc")
+    with pytest.raises(SystemExit) as exit_info:
+        train_classifier.main(["--config", str(REPO / "configs" / "toy" / "1_classifier.yaml"),
+                               f"work_dir={tmp_path / 'run'}", "device=cpu", "dataset.name=voc",
+                               f"dataset.root={tmp_path / 'voc'}", "model.weights=none",
+                               "data.resize_long=[32,32]", "data.crop_size=0", "train.epochs=1",
+                               "train.batch_size=5", f"num_workers={num_workers}", "on_error=stop",
+                               "loss.negative_weight_classes=[]"])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.match(r"error: [bd]: .*\(on_error=stop\)$", errors[0]), errors
+
+
 # ---- end to end on toy --------------------------------------------------------------------
 def test_one_tiny_epoch_writes_loadable_checkpoints_and_resumes(tmp_path, capsys):
     cfg = toy_config(tmp_path, "data.exclude_classes=[person]", "data.drop_images_with=[person]")
@@ -289,6 +310,30 @@ def test_recam_classifier_cams_use_both_heads_and_its_checkpoint_keeps_them(tmp_
     # a plain classifier's checkpoint has no trace of it
     plain = build_cam_classifier("vgg16", "none", 16, class_ids=[1, 2])
     assert "recam" not in plain.arch and plain.recam_head is None
+
+
+@pytest.mark.parametrize("class_ids, class_names, found", [
+    ([1, 2], ["cat", "dog"], None),
+    ([1, 2], ["circle", "dog"], "class 1 'circle', 'cat' in this dataset"),
+    ([1, 5], None, "class id 5, not a foreground class of this dataset"),
+])
+def test_a_classifier_of_other_classes_is_refused_by_the_cam_step(tmp_path, class_ids,
+                                                                   class_names, found):
+    """Issue 30: step 2 ran the toy classifier on a VOC folder and wrote its maps under the
+    VOC class ids."""
+    model = build_cam_classifier("tf_efficientnet_lite0", "none", 16, class_ids=class_ids)
+    checkpoint = {"model": model.state_dict(), **model.checkpoint_fields()}
+    if class_names is not None:
+        checkpoint["class_names"] = class_names
+    torch.save(checkpoint, tmp_path / "best.pt")
+    dataset_classes = ["background", "cat", "dog"]
+    if found is None:
+        assert load_cam_classifier(tmp_path / "best.pt", dataset_classes=dataset_classes).class_ids \
+            == class_ids
+        return
+    with pytest.raises(StepError, match=f"^{re.escape(str(tmp_path / 'best.pt'))}: trained on "
+                                        f"other classes \\({re.escape(found)}\\): run step 1"):
+        load_cam_classifier(tmp_path / "best.pt", dataset_classes=dataset_classes)
 
 
 def test_init_from_starts_at_a_trained_classifier_and_refuses_another_model(tmp_path):

@@ -10,7 +10,7 @@ from inference.irn_steps import ir_labels
 from inference.irn_steps.ir_labels import UNSURE, cams_to_ir_label, process_image, run_pool
 from inference.irn_steps.ir_labels_step import DEFAULTS, crf_params
 from model_training.common import step_io
-from model_training.common.config import load_config
+from model_training.common.config import StepError, load_config
 from model_training.common.crf import IRNET_PARAMS, crf_inference
 
 CLASS_IDS = (3, 5)  # deliberately not 1..K: labels must map back to the dataset's ids
@@ -196,5 +196,5 @@ def test_pool_stops_at_first_failure_when_asked(tmp_path, num_workers):
     write_synthetic_cams(tmp_path, ["0", "1"])
     worker = functools.partial(process_image, load_image=SyntheticImages(),
                                cam_dir=tmp_path, out_dir=tmp_path, **IRNET)
-    with pytest.raises((RuntimeError, FileNotFoundError), match="7"):  # 7 has no CAMs
+    with pytest.raises(StepError, match=r"^7: .*\(on_error=stop\)$"):  # 7 has no CAMs: one line
         run_pool(["0", "7", "1"], worker, num_workers=num_workers, on_error="stop")

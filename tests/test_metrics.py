@@ -294,6 +294,11 @@ def test_report_scores_what_a_step_wrote_and_records_what_it_left_out(tmp_path):
     assert [(stages[k]["images"], stages[k]["missing"]) for k in ("cam", "ir_label", "segmentation")] \
         == [(3, 0), (3, 0), (2, 0)]
     assert "coverage" not in pseudo  # every pixel labelled: scored as before
+    # a gt_bound/ an earlier run left is scored only when this run made it (issue 30)
+    for image_id in val.ids:
+        save_png(tmp_path / "gt_bound" / "7_predictions" / f"{image_id}.png", val.load_mask(image_id))
+    assert "gt_bound" not in score_stages(cfg, "train", "val")
+    assert score_stages(cfg, "train", "val", gt_bound=True)["gt_bound"]["miou"] == pytest.approx(100.0)
 
     # pseudo_masks.unsure_margin: 255 pixels are left out of the score, their share reported
     gt = train.load_mask(train.ids[0])

@@ -203,3 +203,68 @@ def test_gt_bound_trains_steps_6_and_7_on_ground_truth_only(tiny_run, tmp_path):
     assert stages["segmentation"]["of_gt_bound"] == pytest.approx(
         stages["segmentation"]["miou"] / stages["gt_bound"]["miou"], abs=1e-4)
     assert report["seconds"]["gt_bound"] > 0
+
+
+def _step7_config(tmp_path, *overrides):
+    from inference.segmentation import predictions_step
+    from model_training.common.config import load_config
+
+    return load_config(REPO / "configs" / "toy" / "7_predictions.yaml",
+                       [f"work_dir={tmp_path}", "dataset.toy.num_test=2", *overrides],
+                       predictions_step.DEFAULTS)
+
+
+def test_step7_never_predicts_images_written_for_other_dataset_settings(tmp_path):
+    """Issue 30: the toy split written out for step 7 was reused whatever its settings."""
+    from inference.segmentation.predictions_step import split_image_folder
+    from model_training.common.datasets import build_source
+
+    folders = set()
+    for size in ("[32,48]", "[40,56]"):
+        cfg = _step7_config(tmp_path, f"dataset.toy.image_size={size}")
+        source = build_source(cfg.dataset, "test")
+        folder, ids_file = split_image_folder(cfg, source)
+        folders.add(folder)
+        assert ids_file.read_text().split() == source.ids
+        for image_id in source.ids:
+            with Image.open(folder / f"{image_id}.png") as image:
+                assert np.array_equal(np.array(image), source.load_image(image_id))
+    assert len(folders) == 2
+
+
+def test_step7_with_its_own_config_records_the_weights_it_names(tmp_path):
+    """Issue 30: with predictions.config set only that YAML was an input, so a new model.pt
+    beside it left the predictions 'finished'."""
+    from inference.segmentation import predictions_step
+    from model_training.common.folder_lock import release
+    from model_training.common.provenance import claim_folder, stale_reasons
+
+    (tmp_path / "submit").mkdir()
+    (tmp_path / "submit" / "config.yaml").write_text("weights: model.pt\n")
+    weights = tmp_path / "submit" / "model.pt"
+    weights.write_bytes(b"first model")
+    cfg = _step7_config(tmp_path, f"predictions.config={tmp_path / 'submit' / 'config.yaml'}")
+    assert predictions_step.step_inputs(cfg)["weights"] == weights
+    folder = tmp_path / "7_predictions"
+    claim_folder(folder, cfg, predictions_step.step_inputs(cfg), predictions_step.DEFAULTS)
+    release(folder)
+    (folder / "test_00000.png").touch()
+    weights.write_bytes(b"second model")
+    reasons = stale_reasons(folder, cfg, predictions_step.step_inputs(cfg), predictions_step.DEFAULTS)
+    assert len(reasons) == 1 and reasons[0].startswith("input weights: file ")
+
+
+def test_step7_refuses_a_model_of_other_classes(tmp_path):
+    """Issue 30: nothing compared the model's classes with the dataset's, so the report
+    scored another dataset's class ids as these."""
+    import torch
+
+    from inference.segmentation.predictions_step import check_classes
+    from model_training.common.config import StepError
+
+    torch.save({"class_names": ["background", "cat", "dog"]}, tmp_path / "model.pt")
+    check_classes(tmp_path / "model.pt", ["background", "cat", "dog"])
+    with pytest.raises(StepError, match=r"model\.pt: predicts the classes \['background', 'cat', "
+                                        r"'dog'\], this dataset has \['background', 'dog', 'cat'\]: "
+                                        r"run step 6 on this dataset$"):
+        check_classes(tmp_path / "model.pt", ["background", "dog", "cat"])

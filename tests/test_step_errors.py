@@ -148,6 +148,17 @@ def test_a_training_step_checks_its_data_before_it_claims_its_folder(
     assert not [path for path in tmp_path.rglob("*") if path.is_file()]
 
 
+def test_a_full_disk_while_a_step_records_its_settings_is_one_line(tmp_path, capsys, monkeypatch):
+    """Issue 30: the writes around the image loop (config.yaml, provenance.json, done.json,
+    checkpoints, the report) were tracebacks on a full disk."""
+    save_cams(step_dir(tmp_path, 2) / "train_00000.npz", [], np.zeros((0, 8, 12), np.float32),
+              np.zeros((0, 32, 48), np.float32))
+    monkeypatch.setattr(step_io, "atomic_write", _no_space)
+    err = _fails_with_one_line(crf_cam_processing, "3_ir_labels.yaml", tmp_path, capsys)
+    assert err == (f"error: cannot write {tmp_path / '3_ir_labels' / 'config.yaml'}: No space "
+                   f"left on device: stopped")
+
+
 def test_a_step_whose_every_image_failed_is_not_marked_done(tmp_path, capsys, monkeypatch):
     """Issue 30: marked done with nothing written, it sent step 4 to an empty folder."""
     for image_id in ("train_00000", "train_00001"):
@@ -219,15 +230,16 @@ def test_step5_irnet_checkpoint_cut_short(tmp_path):
 
 
 def test_step7_exported_model_of_garbage(tmp_path, capfd):
-    """The submission script (a process of its own) names model.pt; the step adds one line."""
+    """Step 7 reads the exported model's classes before it starts the submission script:
+    one line naming model.pt."""
     exported = step_dir(tmp_path, 6)
     _spoil(exported / "model.pt", "random bytes")
     (exported / "export_config.yaml").write_text("weights: model.pt\ndevice: cpu\n")
     _exits_2(predict, "7_predictions.yaml", tmp_path)
     err = capfd.readouterr().err
     assert [line for line in err.splitlines() if line.startswith("error:")] == [
-        f"error: {exported / 'model.pt'}: not a checkpoint step 6 exported, or truncated",
-        "error: generate_predictions.py exited with code 1 (its own message is above)"]
+        f"error: {exported / 'model.pt'}: not a checkpoint this toolkit wrote, or truncated: "
+        f"export it again with step 6"]
     assert "Traceback" not in err
 
 

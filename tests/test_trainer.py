@@ -191,8 +191,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line(tmp_path, monkeypatch
         raise error
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(StepError, match=r"^cannot write .*last\.pt: .*: stopped, the step is "
-                                        r"not marked done$"):
+    with pytest.raises(StepError, match=r"^cannot write .*last\.pt: .*: stopped$"):
         _train(tmp_path, epochs=1)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp.")]
     assert not (tmp_path / "last.pt").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -94,8 +95,9 @@ def _to_image_size(maps: np.ndarray, height: int, width: int) -> tuple[np.ndarra
 class CamExtractor:
     """One classifier's CAMs of an image, for its labels (or its predictions)."""
 
-    def __init__(self, checkpoint: Path, device: torch.device, cam_cfg):
-        self.model = load_cam_classifier(checkpoint, device)
+    def __init__(self, checkpoint: Path, device: torch.device, cam_cfg,
+                 dataset_classes: Sequence[str] | None = None):
+        self.model = load_cam_classifier(checkpoint, device, dataset_classes)
         for key in ("target_layer", "fine_layer"):
             layer = cam_cfg[key]
             if layer and self.model.recam_head is not None:
@@ -170,10 +172,10 @@ def run(cfg) -> dict:
     checkpoints = _check(cfg)
     device = resolve_device(cfg.device)
     step = start_image_step(cfg, 2, cfg.cams.split, ".npz", DEFAULTS, step_inputs(cfg))
-    main = CamExtractor(checkpoints[0], device, cfg.cams)
-    # An excluded class's binary classifier adds its map where it predicts the class.
-    extras = [CamExtractor(path, device, cfg.cams) for path in checkpoints[1:]]
     source = step.source
+    main = CamExtractor(checkpoints[0], device, cfg.cams, source.class_names)
+    # An excluded class's binary classifier adds its map where it predicts the class.
+    extras = [CamExtractor(path, device, cfg.cams, source.class_names) for path in checkpoints[1:]]
     loader = DataLoader(_ImageList(source, step.todo), batch_size=None, num_workers=cfg.num_workers)
     background_only = []
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from model_training.common import step_io
+from model_training.common.config import StepError
 from model_training.common.crf import crf_inference
 from model_training.common.metrics import IGNORE_INDEX
 from model_training.common.progress import progress
@@ -135,5 +136,5 @@ def run_pool(
                 continue
             failed.append(image_id)
             if on_error == "stop":
-                raise RuntimeError(f"{image_id}: failed, stopping (on_error=stop)")
+                raise StepError(f"{image_id}: failed, see the warning above (on_error=stop)")
     return done, failed

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from inference.segmentation.submit import generate_predictions as submit
-from model_training.common.step_io import STEP_DIRS, atomic_write, load_cams, load_png
+from model_training.common.step_io import STEP_DIRS, load_cams, load_png, write_or_stop
 
 from .visualize import cam_overlay, colorize_labels, image_grid, legend_strip
 
@@ -55,4 +55,4 @@ def write_examples(source, work_dir, out_path, num_images: int = 4) -> Path | No
         ])
     grid = image_grid(rows, TITLES)
     grid = np.concatenate([grid, legend_strip(source.class_names, grid.shape[1])])
-    return atomic_write(out_path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+    return write_or_stop(out_path, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from model_training.common.datasets import build_source
 from model_training.common.evaluation import evaluate_cam_folder, evaluate_label_folder
-from model_training.common.step_io import STEP_DIRS, atomic_write, read_done
+from model_training.common.step_io import STEP_DIRS, read_done, write_or_stop
 
 # The stage each step's output is scored as (steps 4 and 6 train models: time only).
 STAGE_OF_STEP = {STEP_DIRS[2]: "cam", STEP_DIRS[3]: "ir_label", STEP_DIRS[5]: "pseudo_mask",
@@ -25,9 +25,10 @@ def _stage(result: dict, **extra) -> dict:
             **extra, **{key: result[key] for key in per_class}}
 
 
-def score_stages(cfg, train_split: str, val_split: str) -> dict:
+def score_stages(cfg, train_split: str, val_split: str, gt_bound: bool = False) -> dict:
     """mIoU and per-class IoU of each stage that has ground truth: CAM/IR/pseudo on train,
-    predictions on val, and the ground-truth bound when its predictions exist. Images a step
+    predictions on val, and, with ``gt_bound`` (this run made it), the ground-truth bound: a
+    ``gt_bound/`` left by an earlier run may come from other settings. Images a step
     left out (a bad image it skipped) are not scored: each stage records how many were
     ``missing`` beside the ``images`` scored."""
     work_dir = Path(cfg.work_dir)
@@ -48,7 +49,7 @@ def score_stages(cfg, train_split: str, val_split: str) -> dict:
     val = build_source(cfg.dataset, val_split)
     if val.has_masks:
         for key, folder in (("segmentation", work_dir), ("gt_bound", work_dir / GT_BOUND_DIR)):
-            if key == "gt_bound" and not (folder / STEP_DIRS[7]).is_dir():
+            if key == "gt_bound" and not gt_bound:
                 continue
             seg = evaluate_label_folder(folder / STEP_DIRS[7], val.load_mask, val.num_classes,
                                         val.ids, class_names=val.class_names, allow_missing=True)
@@ -94,7 +95,7 @@ def _variant(folder: str) -> str:
 
 def write_report(report: dict, work_dir) -> Path:
     path = Path(work_dir) / "report.json"
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    return write_or_stop(path, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
 
 
 def _stage_cell(key: str, stage: dict) -> str:

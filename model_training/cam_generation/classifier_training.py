@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from model_training.common import distributed
 from model_training.common.config import (AT_LEAST_1, COMMON_DEFAULTS, FRACTION, NON_NEGATIVE,
                                           NONE_OR_PAIR, PAIR, POSITIVE, Config, ConfigError,
-                                          Schema, merge_defaults)
+                                          Schema, StepError, merge_defaults)
 from model_training.common.datasets import (ImageLoadError, ImageSource, build_source,
                                             labels_to_vector)
 from model_training.common.datasets.voc import read_id_list
@@ -31,7 +31,7 @@ from model_training.common.models import (CamClassifier, build_cam_classifier, c
 from model_training.common.metrics import classification_metrics
 from model_training.common.progress import progress
 from model_training.common.sampling import RepeatFactorSampler, repeat_factors
-from model_training.common.step_io import classifier_dir, report_failure
+from model_training.common.step_io import classifier_dir, report_failure, stopped_at
 from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, finish_training_step,
                                            seed_worker, start_training_step)
 from model_training.common.transforms import build_transform
@@ -135,7 +135,7 @@ def training_images(source: ImageSource, ids: Iterable[str], drop_class_ids: Ite
         except ImageLoadError as err:
             report_failure(image_id, err)
             if on_error == "stop":
-                raise
+                raise stopped_at(image_id, err) from None
             continue
         if drop.intersection(image_labels):
             dropped += 1
@@ -176,7 +176,7 @@ class MultiLabelDataset(Dataset):
             image = self.source.load_image(image_id)
         except ImageLoadError as err:
             if self.on_error == "stop":
-                raise
+                raise stopped_at(image_id, err) from None
             self.unreadable.add(image_id)
             report_failure(image_id, err)
             return None
@@ -190,7 +190,7 @@ class MultiLabelDataset(Dataset):
             item = self._load((index + step) % len(self.ids))
             if item is not None:
                 return item
-        raise RuntimeError("no image of the training list could be read")
+        raise StepError("no image of the training list could be read (see the warnings above)")
 
 
 def collate_images(items: list) -> dict | None:
@@ -267,7 +267,7 @@ def predict_scores(model: CamClassifier, loader: DataLoader, device: torch.devic
         scores.append(torch.sigmoid(logits.float()).cpu())
         targets.append(batch["target"])
     if not scores:
-        raise RuntimeError("no validation image could be read")
+        raise StepError("no validation image could be read (see the warnings above)")
     return torch.cat(scores).numpy(), torch.cat(targets).numpy()
 
 

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from model_training.common.config import COMMON_DEFAULTS, ConfigError, merge_defaults
 
 from .folder_lock import LOCK_FILE, lock_folder
-from .step_io import DONE_FILE, TEMP_PREFIX, atomic_write, save_config
+from .step_io import DONE_FILE, TEMP_PREFIX, save_config, write_or_stop
 
 PROVENANCE_FILE = "provenance.json"
 
@@ -173,4 +173,4 @@ def _claim(folder: Path, cfg: Mapping, inputs: Mapping, defaults: Mapping,
             done.unlink(missing_ok=True)  # finished, but by the old recipe
         save_config(cfg, folder)
         text = json.dumps(recipe, indent=2, sort_keys=True)
-        atomic_write(folder / PROVENANCE_FILE, lambda tmp: Path(tmp).write_text(text))
+        write_or_stop(folder / PROVENANCE_FILE, lambda tmp: Path(tmp).write_text(text))

@@ -84,13 +84,23 @@ def parse_step_args(defaults: Mapping, doc: str, argv: list[str] | None = None,
     return exit_on_config_error(load_config, args.config, overrides, defaults)
 
 
+def error_line(err: StepError) -> str:
+    """A StepError's one line. One raised in a DataLoader worker comes back with the
+    worker's traceback in its message (torch re-raises it so), the line last."""
+    text = str(err)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]  # "<module>.StepError: <message>"
+    return last.partition(": ")[2] or last
+
+
 def exit_on_config_error(fn, *args, **kwargs):
     """Run ``fn``; a StepError (ConfigError included) becomes ``error: <message>`` on stderr
     and exit code 2."""
     try:
         return fn(*args, **kwargs)
     except StepError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {error_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -39,7 +39,7 @@ def step_dir(work_dir: str | os.PathLike, step: int) -> Path:
 def save_config(cfg: Mapping, out_dir: str | os.PathLike) -> Path:
     """Write the resolved config beside a step's outputs, so every result says how it was made."""
     plain = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
-    return atomic_write(Path(out_dir) / "config.yaml",
+    return write_or_stop(Path(out_dir) / "config.yaml",
                         lambda tmp: Path(tmp).write_text(yaml.safe_dump(plain, sort_keys=False)))
 
 
@@ -121,6 +121,11 @@ def first_line(error: BaseException) -> str:
     return text.strip().splitlines()[0] if text.strip() else type(error).__name__
 
 
+def stopped_at(image_id: str, error: BaseException) -> StepError:
+    """The one-line error that ends a step at its first bad image (``on_error=stop``)."""
+    return StepError(f"{image_id}: {first_line(error)} (on_error=stop)")
+
+
 def report_failure(image_id: str, error: BaseException) -> None:
     """One line per bad image, so a long run's log stays readable."""
     message = first_line(error)
@@ -142,19 +147,21 @@ def stop_on_machine_error(image_id: str, error: BaseException) -> None:
 
 
 def write_or_stop(path: str | os.PathLike, write_fn: Callable[[str], None]) -> Path:
-    """``atomic_write`` for a training step's checkpoints and logs: a full or unwritable disk
-    (``torch.save`` says so with a RuntimeError) is one line, and no partial file is left."""
+    """``atomic_write`` for what a step writes outside its image loop (checkpoints, logs,
+    records, markers, the report): a full or unwritable disk (``torch.save`` says so with a
+    RuntimeError) is one line, and no partial file is left. The image loops keep the
+    OSError, which ``run_over_images`` tells from a bad image."""
     try:
         return atomic_write(path, write_fn)
     except (OSError, RuntimeError) as error:
-        raise StepError(f"cannot write {path}: {first_line(error)}: stopped, the step is not "
-                        f"marked done") from None
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
+        raise StepError(f"cannot write {path}: {reason}: stopped") from None
 
 
 def run_over_images(items: Iterable, fn: Callable[..., object], desc: str,
                     on_error: str = "skip") -> tuple[int, list[str]]:
     """Call ``fn(item)`` for each item under a progress bar; a failing image is reported and
-    skipped (``on_error="stop"`` re-raises after reporting), a failing machine stops the
+    skipped (``on_error="stop"`` ends the step there, ``stopped_at``), a failing machine stops the
     step (``stop_on_machine_error``). An item is an image id, or a sequence that starts
     with one (a DataLoader's ``(id, image, ...)``). Returns (number done, failed ids)."""
     done, failed = 0, []
@@ -171,7 +178,7 @@ def run_over_images(items: Iterable, fn: Callable[..., object], desc: str,
             report_failure(image_id, err)
             failed.append(image_id)
             if on_error == "stop":
-                raise
+                raise stopped_at(image_id, err) from None
     return done, failed
 
 
@@ -183,7 +190,7 @@ def _shard_done_file(index: int, count: int) -> str:
 
 
 def _write_json(path: Path, data: dict) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
+    return write_or_stop(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2)))
 
 
 def mark_done(folder, summary: dict, shard: str | None = None) -> Path:

@@ -28,13 +28,13 @@ from model_training.common import distributed
 from model_training.common.checkpoints import read_checkpoint
 from model_training.common.config import (AT_LEAST_1, AT_LEAST_ONE_ITEM, NON_NEGATIVE,
                                           NONE_OR_PAIR, POSITIVE, Config, ConfigError, Schema,
-                                          merge_defaults)
+                                          StepError, merge_defaults)
 from model_training.common.datasets import ImageLoadError, ImageSource, build_source
 from model_training.common.metrics import IGNORE_INDEX, ConfusionMatrix
 from model_training.common.models.segmentation import build_model, model_config_from
 from model_training.common.progress import progress
-from model_training.common.step_io import (STEP_DIRS, atomic_write, first_line, load_png,
-                                           report_failure, step_dir)
+from model_training.common.step_io import (STEP_DIRS, first_line, load_png, report_failure,
+                                           step_dir, stopped_at, write_or_stop)
 from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, finish_training_step,
                                            seed_worker, start_training_step)
 from model_training.common.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_transform,
@@ -172,8 +172,8 @@ class SegmentationDataset(Dataset):
             except ImageLoadError as err:
                 report_failure(image_id, err)
                 if self.on_error == "stop":
-                    raise
-        raise RuntimeError("no training image could be read")
+                    raise stopped_at(image_id, err) from None
+        raise StepError("no training image could be read (see the warnings above)")
 
 
 def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
@@ -228,7 +228,7 @@ def evaluate(model: nn.Module, source: ImageSource, ids: Sequence[str],
         except ImageLoadError as err:
             report_failure(image_id, err)
             if on_error == "stop":
-                raise
+                raise stopped_at(image_id, err) from None
             continue
         tensor = image_to_tensor(image)[None].to(device)
         pred = predict_probabilities(model, tensor, [1.0], False, input_long_side).argmax(0)
@@ -240,12 +240,12 @@ def evaluate(model: nn.Module, source: ImageSource, ids: Sequence[str],
 
 def export_for_submission(out_dir: Path, checkpoint: Mapping, cfg: Config) -> Path:
     """``model.pt`` and a step-7 ``export_config.yaml`` that resizes as training did."""
-    model_path = atomic_write(out_dir / "model.pt", lambda tmp: torch.save(dict(checkpoint), tmp))
+    model_path = write_or_stop(out_dir / "model.pt", lambda tmp: torch.save(dict(checkpoint), tmp))
     submit_cfg = {**SUBMIT_DEFAULTS, "weights": model_path.name, "scales": list(cfg.export.scales),
                   "flip": bool(cfg.export.flip), "input_long_side": cfg.data.input_long_side}
     text = ("# Step-7 config for generate_predictions.py --config (written by step 6).\n"
             + yaml.safe_dump(submit_cfg, sort_keys=False))
-    atomic_write(out_dir / "export_config.yaml", lambda tmp: Path(tmp).write_text(text))
+    write_or_stop(out_dir / "export_config.yaml", lambda tmp: Path(tmp).write_text(text))
     return model_path
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import read_checkpoint
-from ..config import ConfigError
+from ..config import ConfigError, StepError
 from .backbones import build_backbone
 
 
@@ -91,6 +91,19 @@ def build_cam_classifier(backbone: str, weights: str, output_stride: int,
     return CamClassifier(module, channels, class_ids, arch=arch, freeze_bn=freeze_bn, recam=recam)
 
 
+def _check_classes(path, checkpoint: dict, dataset_classes: list[str]) -> None:
+    names = checkpoint.get("class_names") or [None] * len(checkpoint["class_ids"])
+    for class_id, name in zip(checkpoint["class_ids"], names):
+        if not 0 < class_id < len(dataset_classes):
+            found = f"class id {class_id}, not a foreground class of this dataset"
+        elif name is not None and name != dataset_classes[class_id]:
+            found = f"class {class_id} '{name}', '{dataset_classes[class_id]}' in this dataset"
+        else:
+            continue
+        raise StepError(f"{path}: trained on other classes ({found}): run step 1 on this "
+                        f"dataset (overwrite=true)")
+
+
 def init_from_checkpoint(model: CamClassifier, path: str | os.PathLike) -> None:
     """Start ``model`` from a trained step-1 checkpoint of the same backbone and classes (as
     ReCAM fine-tunes a trained classifier); a head the checkpoint lacks (ReCAM's) stays new."""
@@ -109,10 +122,15 @@ def init_from_checkpoint(model: CamClassifier, path: str | os.PathLike) -> None:
         raise ConfigError(f"key 'model.init_from': {path} lacks weights of this model: {missing[0]}")
 
 
-def load_cam_classifier(path: str | os.PathLike, map_location="cpu") -> CamClassifier:
-    """A trained classifier from a step-1 checkpoint (best.pt / last.pt), in eval mode."""
+def load_cam_classifier(path: str | os.PathLike, map_location="cpu",
+                        dataset_classes: Sequence[str] | None = None) -> CamClassifier:
+    """A trained classifier from a step-1 checkpoint (best.pt / last.pt), in eval mode;
+    with ``dataset_classes`` (the class names of the dataset it will see) checked against
+    them: a classifier of another dataset would give its maps under wrong class ids."""
     checkpoint = read_checkpoint(path, "re-run step 1 with overwrite=true", map_location,
                                  keys=("model", "arch", "class_ids"))
+    if dataset_classes is not None:
+        _check_classes(path, checkpoint, list(dataset_classes))
     arch = checkpoint["arch"]
     model = build_cam_classifier(arch["backbone"], "none", arch["output_stride"],
                                  checkpoint["class_ids"], recam=arch.get("recam", False))
