@@ -159,6 +159,19 @@ def test_a_full_disk_while_a_step_records_its_settings_is_one_line(tmp_path, cap
                    f"left on device: stopped")
 
 
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_step4_on_ir_labels_of_other_images_is_one_line(tmp_path, capsys, num_workers):
+    """A label whose size is not its image's (step 3 ran on other images): one line, from
+    the main process or a DataLoader worker, instead of a traceback."""
+    for image_id in ("train_00000", "train_00001"):
+        save_png(step_dir(tmp_path, 3) / f"{image_id}.png", np.zeros((10, 10), np.uint8))
+    err = _fails_with_one_line(train_irn, "4_irn.yaml", tmp_path, capsys, "train.batch_size=2",
+                               f"num_workers={num_workers}")
+    assert err.startswith(f"error: {step_dir(tmp_path, 3) / 'train_0000'}")
+    assert err.endswith("label (10, 10) vs image (32, 48) (step 3 ran on other images): re-run "
+                        "step 3 with overwrite=true")
+
+
 def test_a_step_whose_every_image_failed_is_not_marked_done(tmp_path, capsys, monkeypatch):
     """Issue 30: marked done with nothing written, it sent step 4 to an empty folder."""
     for image_id in ("train_00000", "train_00001"):

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from model_training.common import distributed
 from model_training.common.config import (AT_LEAST_1, COMMON_DEFAULTS, NON_NEGATIVE, NONE_OR_PAIR,
                                           PAIR, POSITIVE, ConfigError, Range, Schema,
-                                          merge_defaults)
+                                          StepError, merge_defaults)
 from model_training.common.datasets import build_source
 from model_training.common.models import check_backbone_keys, weights_error_names
 from model_training.common.models.irnet import build_irnet
@@ -69,8 +69,9 @@ class IRLabelDataset(Dataset):
         image = self.source.load_image(image_id)
         label = load_png(self.label_dir / f"{image_id}.png")
         if label.shape != image.shape[:2]:
-            raise ValueError(f"{self.label_dir / image_id}.png: label {label.shape} vs image "
-                             f"{image.shape[:2]}")
+            raise StepError(f"{self.label_dir / image_id}.png: label {label.shape} vs image "
+                            f"{image.shape[:2]} (step 3 ran on other images): re-run step 3 "
+                            f"with overwrite=true")
         tensor, label = self.transform(image, label)
         return {"image": tensor, "label": label}
 
