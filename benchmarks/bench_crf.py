@@ -1,7 +1,7 @@
 """Step 3 throughput: images/s of the IR-label worker (two dense CRFs + npz/png I/O) with
 1 and with 2 worker processes, on 240x180 and 500x375 synthetic images with 2-3 classes.
 
-Pool start-up (spawned processes) is included: it is what a step run pays.
+Pool start-up (forked workers on Linux, spawned elsewhere) is included: it is what a step run pays.
 """
 import functools
 import json
@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from inference.irn_steps.ir_labels import process_image, run_pool
+from inference.irn_steps.ir_labels import process_image
+from model_training.common.worker_pool import run_pool
 from model_training.common import step_io
 from model_training.common.auto_thresholds import IRNET_VALUES
 from model_training.common.crf import IRNET_PARAMS

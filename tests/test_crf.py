@@ -1,17 +1,19 @@
 """Step 3 CRF refinement: on a synthetic image whose true shapes are known, the two-CRF
 procedure must recover them from blurred, shifted, noisy CAMs better than the CAMs do."""
 import functools
+import sys
 
 import numpy as np
 import pytest
 from scipy import ndimage
 
 from inference.irn_steps import ir_labels
-from inference.irn_steps.ir_labels import UNSURE, cams_to_ir_label, process_image, run_pool
+from inference.irn_steps.ir_labels import UNSURE, cams_to_ir_label, process_image
 from inference.irn_steps.ir_labels_step import DEFAULTS, crf_params
 from model_training.common import step_io
 from model_training.common.config import StepError, load_config
-from model_training.common.crf import IRNET_PARAMS, crf_inference
+from model_training.common.crf import IRNET_PARAMS, crf_inference, crf_inference_many
+from model_training.common.worker_pool import pool_context, run_pool
 
 CLASS_IDS = (3, 5)  # deliberately not 1..K: labels must map back to the dataset's ids
 STEP = load_config(None, [], DEFAULTS).ir_labels  # step 3's defaults: IRNet's thresholds and CRF
@@ -106,17 +108,29 @@ def test_crf_inference_label_and_probability_inputs():
 def test_output_holds_only_background_image_classes_and_unsure(monkeypatch):
     label_counts = []
 
-    def recording_crf(image, labels, n_labels, **params):
-        label_counts.append(n_labels)
-        return crf_inference(image, labels, n_labels, **params)
+    def recording_crf(image, inputs, n_labels, **params):
+        label_counts.append((len(inputs), n_labels))
+        return crf_inference_many(image, inputs, n_labels, **params)
 
-    monkeypatch.setattr(ir_labels, "crf_inference", recording_crf)
+    monkeypatch.setattr(ir_labels, "crf_inference_many", recording_crf)
     image, _, cams = synthetic_scene()
     label = ir_label(image, CLASS_IDS, cams)
 
     assert label.dtype == np.uint8 and label.shape == image.shape[:2]
     assert set(np.unique(label)) == {0, *CLASS_IDS, UNSURE}
-    assert label_counts == [len(CLASS_IDS) + 1] * 2  # fg and bg CRF: background + 3 and 5 only
+    assert label_counts == [(2, len(CLASS_IDS) + 1)]  # fg and bg maps: background + 3 and 5 only
+
+
+def test_one_crf_of_several_maps_gives_each_map_its_own_crf_result():
+    """Step 3's two CRFs share the image's kernels: the labels must be those of two CRFs."""
+    image, _, cams = synthetic_scene(seed=2)
+    scores = np.concatenate([np.full_like(cams[:1], 0.3), cams])
+    maps = [scores.argmax(axis=0), np.where(cams.max(axis=0) > 0.6, cams.argmax(axis=0) + 1, 0),
+            np.exp(8 * scores) / np.exp(8 * scores).sum(axis=0)]
+    together = crf_inference_many(image, maps, 3, **IRNET_PARAMS)
+    for labels, one_map in zip(together, maps, strict=True):
+        assert np.array_equal(labels, crf_inference(image, one_map, 3, **IRNET_PARAMS))
+    assert not np.array_equal(together[0], together[1])  # the maps differ, and so do the results
 
 
 def test_raising_fg_threshold_shrinks_confident_foreground():
@@ -198,3 +212,10 @@ def test_pool_stops_at_first_failure_when_asked(tmp_path, num_workers):
                                cam_dir=tmp_path, out_dir=tmp_path, **IRNET)
     with pytest.raises(StepError, match=r"^7: .*\(on_error=stop\)$"):  # 7 has no CAMs: one line
         run_pool(["0", "7", "1"], worker, num_workers=num_workers, on_error="stop")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fork is chosen on Linux only")
+def test_the_pool_forks_on_linux_without_cuda():
+    """Spawned workers import torch and the calling script again (seconds of step 3); a
+    forked one starts at once. With a CUDA context the pool must spawn."""
+    assert pool_context().get_start_method() == "fork"

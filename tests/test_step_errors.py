@@ -13,10 +13,10 @@ import pytest
 import torch
 
 import run_pipeline
-from inference.irn_steps import crf_cam_processing, ir_labels, irn_inference, multiscale_cam
+from inference.irn_steps import crf_cam_processing, irn_inference, multiscale_cam
 from inference.segmentation import predict
 from model_training.cam_generation import classifier_training, train_classifier, train_irn
-from model_training.common import step_io
+from model_training.common import step_io, worker_pool
 from model_training.common.checkpoints import read_checkpoint
 from model_training.common.config import Config, ConfigError, StepError
 from model_training.common.models.irnet import load_irnet
@@ -118,9 +118,9 @@ def test_bad_image_is_still_skipped(capsys):
 
 def test_pool_worker_stops_on_a_machine_error():
     """Step 3's process pool reports a worker's full disk as the in-process loop does."""
-    ir_labels._init_worker(_no_space)
+    worker_pool._init_worker(_no_space)
     with pytest.raises(StepError, match="ENOSPC"):
-        ir_labels._run_one("a")
+        worker_pool._run_one("a")
 
 
 def test_step3_on_a_full_disk_exits_2_and_is_not_marked_done(tmp_path, capsys, monkeypatch):

@@ -12,7 +12,9 @@ from model_training.common.image_step import start_image_step
 from model_training.common.image_step import summary_line as image_summary_line
 from model_training.common.step_io import STEP_DIRS, step_dir
 
-from .ir_labels import process_image, run_pool
+from model_training.common.worker_pool import run_pool
+
+from .ir_labels import process_image
 
 SHARDABLE = True
 
