@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -32,8 +32,9 @@ from model_training.common.metrics import classification_metrics
 from model_training.common.progress import progress
 from model_training.common.sampling import RepeatFactorSampler, repeat_factors
 from model_training.common.step_io import classifier_dir, report_failure, stopped_at
-from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, finish_training_step,
-                                           seed_worker, start_training_step)
+from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, TrainingParts,
+                                           finish_training_step, seed_worker,
+                                           start_training_step)
 from model_training.common.transforms import build_transform
 
 SHARDABLE = False
@@ -295,11 +296,19 @@ def step_inputs(cfg: Config) -> dict:
     return {"init_from": Path(cfg.model.init_from)} if cfg.model.init_from else {}
 
 
-def run(cfg: Config) -> dict:
-    """Run step 1 from a resolved config; returns the Trainer summary plus the output paths."""
-    started = time.time()
+class TrainingData(NamedTuple):
+    """Step 1's checked inputs: what it reads, known before it claims its folder."""
+    source: ImageSource
+    val_source: ImageSource | None
+    class_ids: list[int]
+    names: list[str]  # the class names of the outputs
+    ids: list[str]  # training images
+    labels: list[list[int]]
+    dropped: int  # images left out by drop_images_with
+
+
+def _read_data(cfg: Config) -> TrainingData:
     _check_config(cfg)
-    out_dir = classifier_dir(cfg.work_dir, cfg.variant)
     source = build_source(cfg.dataset, cfg.dataset.train_split)
     class_ids = output_class_ids(source, cfg.data.target_classes, cfg.data.exclude_classes)
     drop_ids = [class_id(source, c, "data.drop_images_with") for c in cfg.data.drop_images_with]
@@ -309,12 +318,14 @@ def run(cfg: Config) -> dict:
         raise ConfigError("no training images left after 'data.drop_images_with' / 'data.train_list'")
     names = [source.class_names[c] for c in class_ids]
     val_source = build_source(cfg.dataset, cfg.dataset.val_split) if cfg.dataset.val_split else None
-    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
-    print(f"1_classifier: {len(ids)} training images ({dropped} dropped by drop_images_with), "
-          f"{len(class_ids)} outputs: {', '.join(names)}", file=sys.stderr)
+    return TrainingData(source, val_source, class_ids, names, ids, labels, dropped)
 
-    train_set = MultiLabelDataset(source, ids, labels, class_ids, _transform(cfg.data, True),
-                                  substitute=True, on_error=cfg.on_error)
+
+def _parts(cfg: Config, data: TrainingData, device: torch.device) -> TrainingParts:
+    source, class_ids, names = data.source, data.class_ids, data.names
+    train_set = MultiLabelDataset(source, data.ids, data.labels, class_ids,
+                                  _transform(cfg.data, True), substitute=True,
+                                  on_error=cfg.on_error)
     if cfg.data.repeat_threshold > 0:
         sampler: Sampler = RepeatFactorSampler(
             repeat_factors(train_set.targets, cfg.data.repeat_threshold), seed=cfg.seed,
@@ -326,6 +337,7 @@ def run(cfg: Config) -> dict:
                            drop_last=len(sampler) > batch_size)
 
     validate_fn = None
+    val_source = data.val_source
     if val_source is not None:
         val_ids, val_labels, _ = training_images(val_source, val_source.ids, [], cfg.on_error)
         val_set = MultiLabelDataset(val_source, val_ids, val_labels, class_ids,
@@ -363,17 +375,37 @@ def run(cfg: Config) -> dict:
         return {"loss": multilabel + cfg.loss.recam_weight * recam,
                 "multilabel_loss": multilabel, "recam_loss": recam}
 
+    return TrainingParts(model, model.parameter_groups(cfg.train.new_layer_lr_mult),
+                         train_loader, step_fn, validate_fn)
+
+
+def training_parts(cfg: Config, device: torch.device) -> TrainingParts:
+    """The model, loader and loss step 1 trains, without claiming its folder."""
+    return _parts(cfg, _read_data(cfg), device)
+
+
+def run(cfg: Config) -> dict:
+    """Run step 1 from a resolved config; returns the Trainer summary plus the output paths."""
+    started = time.time()
+    data = _read_data(cfg)
+    out_dir = classifier_dir(cfg.work_dir, cfg.variant)
+    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
+    print(f"1_classifier: {len(data.ids)} training images ({data.dropped} dropped by "
+          f"drop_images_with), {len(data.class_ids)} outputs: {', '.join(data.names)}",
+          file=sys.stderr)
+    parts = _parts(cfg, data, device)
+    validate_fn = parts.validate_fn
     trainer = Trainer(
-        distributed.wrap_model(model, device, cfg.train.sync_bn),
-        model.parameter_groups(cfg.train.new_layer_lr_mult), train_loader, out_dir,
-        cfg.train, device, step_fn=step_fn, validate_fn=validate_fn,
+        distributed.wrap_model(parts.model, device, cfg.train.sync_bn), parts.param_groups,
+        parts.loader, out_dir, cfg.train, device, step_fn=parts.step_fn, validate_fn=validate_fn,
         best_metric="map" if validate_fn else None,
-        checkpoint_fields={**model.checkpoint_fields(), "class_names": names,
+        checkpoint_fields={**parts.model.checkpoint_fields(), "class_names": data.names,
                            "config": cfg.to_dict()},
         resume=cfg.resume)
     summary = trainer.fit()
     return finish_training_step(out_dir, {
-        **summary, "out_dir": str(out_dir), "class_ids": class_ids, "num_train_images": len(ids),
+        **summary, "out_dir": str(out_dir), "class_ids": data.class_ids,
+        "num_train_images": len(data.ids),
         "val_map": summary["best_score"] if validate_fn else None}, started)
 
 

@@ -21,8 +21,9 @@ from model_training.common.models import check_backbone_keys, weights_error_name
 from model_training.common.models.irnet import build_irnet
 from model_training.common.path_index import PathIndex, edge_to_affinity
 from model_training.common.step_io import STEP_DIRS, load_png, step_dir
-from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, finish_training_step,
-                                           seed_worker, start_training_step)
+from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, TrainingParts,
+                                           finish_training_step, seed_worker,
+                                           start_training_step)
 from model_training.common.transforms import build_transform
 
 from .irn_targets import affinity_targets, irn_losses, label_to_stride
@@ -87,28 +88,26 @@ def step_inputs(cfg) -> dict[str, Path]:
     return {"ir_labels": Path(cfg.work_dir) / STEP_DIRS[3]}
 
 
-def run(cfg) -> dict:
-    """Train IRNet into ``4_irn/`` (best.pt = last epoch); returns the trainer's summary."""
-    started = time.time()
+def _labelled_ids(cfg) -> tuple:
+    """(source, ids with an IR label): checked before the step claims its folder."""
     _check(cfg)
-    out_dir = step_dir(cfg.work_dir, 4)
     source = build_source(cfg.dataset, cfg.irn.split)
     label_dir = step_dir(cfg.work_dir, 3)
     ids = [i for i in source.ids if (label_dir / f"{i}.png").is_file()]
     if not ids:
         raise ConfigError(f"no IR labels in {label_dir}: run step 3 first")
-    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
-    if len(ids) < len(source.ids):
-        print(f"4_irn: {len(source.ids) - len(ids)} images have no IR label and are left out",
-              file=sys.stderr)
+    return source, ids
+
+
+def _parts(cfg, source, ids: list[str], device) -> TrainingParts:
     transform = build_transform(True, crop_size=cfg.data.crop_size, resize_long=cfg.data.resize_long,
                                 scale_range=cfg.data.scale_range or None, hflip=cfg.data.hflip)
-    dataset = IRLabelDataset(source, ids, label_dir, transform)
+    dataset = IRLabelDataset(source, ids, step_dir(cfg.work_dir, 3), transform)
     sampler = distributed.train_sampler(dataset, cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.train.batch_size, sampler=sampler,
                         num_workers=cfg.num_workers, worker_init_fn=seed_worker,
                         drop_last=len(sampler) > cfg.train.batch_size,
-                        persistent_workers=cfg.num_workers > 0)
+                        persistent_workers=cfg.num_workers > 0, pin_memory=device.type == "cuda")
     with weights_error_names("irn.weights"):
         model = build_irnet(cfg.irn).to(device)
     path_index = PathIndex(cfg.irn.radius)
@@ -121,10 +120,28 @@ def run(cfg) -> dict:
         losses = irn_losses(affinity, targets, path_index, out.displacement)
         return {"loss": losses.pop("total"), **losses}
 
+    return TrainingParts(model, model.param_groups(cfg.irn.displacement_lr_mult), loader, step_fn)
+
+
+def training_parts(cfg, device) -> TrainingParts:
+    """The model, loader and loss step 4 trains, without claiming its folder."""
+    return _parts(cfg, *_labelled_ids(cfg), device)
+
+
+def run(cfg) -> dict:
+    """Train IRNet into ``4_irn/`` (best.pt = last epoch); returns the trainer's summary."""
+    started = time.time()
+    source, ids = _labelled_ids(cfg)
+    out_dir = step_dir(cfg.work_dir, 4)
+    device = start_training_step(cfg, out_dir, DEFAULTS, step_inputs(cfg))
+    if len(ids) < len(source.ids):
+        print(f"4_irn: {len(source.ids) - len(ids)} images have no IR label and are left out",
+              file=sys.stderr)
+    parts = _parts(cfg, source, ids, device)
     arch = {k: cfg.irn[k] for k in ("backbone", "weights", "output_stride", "with_displacement")}
-    trainer = Trainer(distributed.wrap_model(model, device, cfg.train.sync_bn),
-                      model.param_groups(cfg.irn.displacement_lr_mult), loader, out_dir,
-                      cfg.train, device, step_fn=step_fn,
+    trainer = Trainer(distributed.wrap_model(parts.model, device, cfg.train.sync_bn),
+                      parts.param_groups, parts.loader, out_dir, cfg.train, device,
+                      step_fn=parts.step_fn,
                       checkpoint_fields={"arch": arch, "config": cfg.to_dict()},
                       resume=cfg.resume)
     return finish_training_step(out_dir, {**trainer.fit(), "images": len(ids)}, started)

@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
@@ -75,6 +76,19 @@ StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
 ValidateFn = Callable[[nn.Module], Mapping[str, Any]]
 
 
+@dataclass
+class TrainingParts:
+    """What a training step (1, 4, 6) hands the loop: its ``training_parts(cfg, device)``
+    builds them, ``run`` trains them, and ``benchmarks/bench_steps.py`` times them against
+    the same model on batches already in memory."""
+
+    model: nn.Module  # unwrapped, on the device
+    param_groups: list[dict]
+    loader: Any  # DataLoader of training batches
+    step_fn: StepFn
+    validate_fn: ValidateFn | None = None
+
+
 def seed_everything(seed: int) -> None:
     """Python, numpy and torch (all devices) from one seed."""
     random.seed(seed)
@@ -128,6 +142,8 @@ def start_training_step(cfg, out_dir: Path, defaults: Mapping, inputs: Mapping) 
     claim_folder(out_dir, cfg, inputs, defaults)
     check_resume(out_dir, cfg.resume, cfg.overwrite)
     device = distributed.setup(cfg)
+    if device.type == "cuda":  # crops of a few fixed sizes: cuDNN times its kernels once a size
+        torch.backends.cudnn.benchmark = True
     seed_everything(cfg.seed + rank())
     return device
 
@@ -454,7 +470,7 @@ class Trainer:
                        disable=not self.is_main)
         for index, batch in enumerate(bar):
             self.schedule.apply(self.optimizer, self.epoch + index / num_batches)
-            logs = self._train_step(move_to(batch, self.device))
+            logs = self.train_step(move_to(batch, self.device))
             self.iteration += 1
             count += 1
             for key, value in logs.items():
@@ -467,7 +483,8 @@ class Trainer:
         means["lr"] = self.optimizer.param_groups[0]["lr"]
         return means
 
-    def _train_step(self, batch) -> dict[str, float]:
+    def train_step(self, batch) -> dict[str, float]:
+        """One optimisation step on a batch already on the device; the logged values."""
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             outputs = self.step_fn(self.model, batch)
         loss = outputs["loss"]
@@ -487,9 +504,10 @@ class Trainer:
 
     def _validate(self) -> Mapping[str, Any]:
         """Rank 0's metrics on every rank, so all agree on the best epoch."""
-        return broadcast_from_main(self._validate_here() if self.is_main else None)
+        return broadcast_from_main(self.validate_here() if self.is_main else None)
 
-    def _validate_here(self) -> Mapping[str, Any]:
+    def validate_here(self) -> Mapping[str, Any]:
+        """This process's validation: the unwrapped model in eval mode, no autograd."""
         model = unwrap(self.model)
         model.eval()
         try:

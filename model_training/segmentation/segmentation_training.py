@@ -35,8 +35,9 @@ from model_training.common.models.segmentation import build_model, model_config_
 from model_training.common.progress import progress
 from model_training.common.step_io import (STEP_DIRS, first_line, load_png, report_failure,
                                            step_dir, stopped_at, write_or_stop)
-from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, finish_training_step,
-                                           seed_worker, start_training_step)
+from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, TrainingParts,
+                                           finish_training_step, seed_worker,
+                                           start_training_step)
 from model_training.common.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_transform,
                                               image_to_tensor)
 
@@ -263,10 +264,10 @@ def _check_crop(crop: int, stride: int) -> None:
         raise ConfigError(f"key 'data.crop_size' must be a multiple of the network stride {stride}, got {crop}")
 
 
-def _train(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path | None,
-           train_source: ImageSource, val_source: ImageSource) -> dict:
-    """Train the network on ``mask_dir`` (None: ground truth) into ``out_dir``; returns the
-    Trainer's result."""
+def _parts(cfg: Config, device: torch.device, mask_dir: Path | None,
+           train_source: ImageSource, val_source: ImageSource) -> tuple[TrainingParts, dict]:
+    """The network on ``mask_dir`` (None: ground truth) and its loader, loss and validation;
+    with the model's configuration."""
     model_config = model_config_from(cfg.model, train_source.num_classes)
     model = build_model(model_config, cfg.model.encoder_weights).to(device)
     _check_crop(cfg.data.crop_size, network_stride(model))
@@ -298,17 +299,33 @@ def _train(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path | No
     else:
         print(f"warning: split '{cfg.dataset.val_split}' has no masks: no validation, "
               f"best.pt is the last epoch", file=sys.stderr)
+    parts = TrainingParts(model, param_groups(model, cfg.train.new_layer_lr_mult), loader,
+                          step_fn, validate_fn)
+    return parts, model_config
 
-    groups = param_groups(model, cfg.train.new_layer_lr_mult)
+
+def training_parts(cfg: Config, device: torch.device) -> TrainingParts:
+    """The network, loader and loss step 6 trains, without claiming its folder."""
+    train_source = build_source(cfg.dataset, cfg.dataset.train_split)
+    val_source = build_source(cfg.dataset, cfg.dataset.val_split)
+    return _parts(cfg, device, mask_dir_for(cfg), train_source, val_source)[0]
+
+
+def _train(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path | None,
+           train_source: ImageSource, val_source: ImageSource) -> dict:
+    """Train the network on ``mask_dir`` (None: ground truth) into ``out_dir``; returns the
+    Trainer's result."""
+    parts, model_config = _parts(cfg, device, mask_dir, train_source, val_source)
     metadata = checkpoint_metadata(model_config, train_source.class_names, IMAGENET_MEAN,
                                    IMAGENET_STD)
     fields = {**metadata, "mask_source": cfg.mask_source, "config": cfg.to_dict()}
     masks = "ground-truth" if mask_dir is None else str(mask_dir)
-    print(f"6_segmentation: {len(dataset)} training images (masks: {masks}), "
+    print(f"6_segmentation: {len(parts.loader.dataset)} training images (masks: {masks}), "
           f"{model_config['arch']} / {model_config['encoder_name']}, device {device}", file=sys.stderr)
-    trainer = Trainer(distributed.wrap_model(model, device, cfg.train.sync_bn), groups,
-                      loader, out_dir, cfg.train, device, step_fn=step_fn,
-                      validate_fn=validate_fn, best_metric="miou" if validate_fn else None,
+    trainer = Trainer(distributed.wrap_model(parts.model, device, cfg.train.sync_bn),
+                      parts.param_groups, parts.loader, out_dir, cfg.train, device,
+                      step_fn=parts.step_fn, validate_fn=parts.validate_fn,
+                      best_metric="miou" if parts.validate_fn else None,
                       checkpoint_fields=fields, resume=cfg.resume)
     return trainer.fit()
 
