@@ -147,6 +147,25 @@ def test_gt_bound_report_gives_the_ratio():
                for l in text.splitlines())
 
 
+def test_a_class_the_pseudo_masks_hold_and_the_final_model_loses_is_a_warning():
+    """Issue 32: camvid's bicyclist, 25.6 IoU in the pseudo masks and 0.0 in the final model,
+    was visible only by reading the per-class table."""
+    from inference.scoring.report import dropped_classes, format_report
+
+    stages = {"pseudo_mask": {"miou": 40.0, "per_class_iou": {
+                  "background": 90.0, "pole": 3.2, "car": 47.7, "bicyclist": 25.6, "sign": None}},
+              "segmentation": {"miou": 40.0, "split": "val", "per_class_iou": {
+                  "background": 0.5, "pole": 0.0, "car": 50.0, "bicyclist": 0.0, "sign": 0.0}}}
+    # pole is barely in the masks, background and an unscored class are not judged
+    assert dropped_classes(stages) == {"bicyclist": {"pseudo_mask": 25.6, "segmentation": 0.0}}
+    assert dropped_classes({"pseudo_mask": stages["pseudo_mask"]}) == {}  # no val masks
+    report = {"classifier": {"val_map": None}, "seconds": {"7_predictions": 1.0},
+              "stages": stages, "dropped_classes": dropped_classes(stages)}
+    warnings = [l for l in format_report(report).splitlines() if l.startswith("warning")]
+    assert warnings == ["warning: step 6 dropped 'bicyclist': 25.6 IoU in the pseudo masks, "
+                        "0.0 in the final model"]
+
+
 def _copy_steps(work_dir, target, steps):
     for folder in list(STEP_FOLDERS)[:steps]:
         shutil.copytree(work_dir / folder, target / folder)

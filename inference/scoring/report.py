@@ -17,6 +17,10 @@ GT_BOUND_DIR = "gt_bound"
 # Columns of the per-class table: the stages, then the bound.
 STAGE_TITLES = {"cam": "CAM", "ir_label": "IR", "pseudo_mask": "pseudo", "segmentation": "seg",
                 "gt_bound": "gt bound"}
+# A class the pseudo masks hold at least this well (IoU on train) that the final model finds
+# below DROPPED_BELOW on val was dropped by step 6 (camvid's bicyclist: 25.6 -> 0.0).
+HELD_FROM = 15.0
+DROPPED_BELOW = 1.0
 
 
 def _stage(result: dict, **extra) -> dict:
@@ -60,6 +64,17 @@ def score_stages(cfg, train_split: str, val_split: str, gt_bound: bool = False) 
     return stages
 
 
+def dropped_classes(stages: dict) -> dict:
+    """{class: {"pseudo_mask": IoU, "segmentation": IoU}} of the classes the pseudo masks hold
+    (``HELD_FROM``) and the final model loses (``DROPPED_BELOW``): step 6 did not learn them,
+    a loss no earlier stage explains."""
+    pseudo = stages.get("pseudo_mask", {}).get("per_class_iou") or {}
+    final = stages.get("segmentation", {}).get("per_class_iou") or {}
+    return {name: {"pseudo_mask": iou, "segmentation": final[name]}
+            for name, iou in pseudo.items() if name != "background" and iou is not None
+            and iou >= HELD_FROM and final.get(name) is not None and final[name] < DROPPED_BELOW}
+
+
 def auto_thresholds(work_dir) -> dict:
     """The values steps 3 and 5 derived for their ``auto`` keys (from their done.json)."""
     derived: dict = {}
@@ -85,6 +100,9 @@ def build_report(cfg, stages: dict, seconds: dict) -> dict:
     derived = auto_thresholds(cfg.work_dir)
     if derived:
         report["auto_thresholds"] = derived
+    dropped = dropped_classes(stages)
+    if dropped:
+        report["dropped_classes"] = dropped
     return report
 
 
@@ -160,4 +178,7 @@ def format_report(report: dict) -> str:
             "no masks: IRNet's values"
         lines += ["", "auto: " + ", ".join(f"{k}={v:g}" for k, v in derived.items())
                   + f" ({source})"]
+    for name, iou in report.get("dropped_classes", {}).items():
+        lines.append(f"warning: step 6 dropped '{name}': {iou['pseudo_mask']:.1f} IoU in the "
+                     f"pseudo masks, {iou['segmentation']:.1f} in the final model")
     return "\n".join(lines)
