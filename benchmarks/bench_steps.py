@@ -39,7 +39,6 @@ from model_training.common.steps import STEPS  # noqa: E402
 from model_training.common.trainer import Trainer, move_to, seed_everything  # noqa: E402
 
 TRAINING_STEPS = (1, 4, 6)
-IMAGE_STEPS = (2, 3, 5, 7)
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -112,7 +111,7 @@ def measure(config_dir: Path, number: int, iterations: int, warmup: int,
     for _ in range(warmup):
         real_step()
     real = timed(real_step, iterations, device)
-    del batches  # the workers idle from here on
+    del batches  # no batch is fetched from here on: the workers idle
     floor = timed(lambda: trainer.train_step(kept["batch"]), iterations, device)
     result = {"step": step.folder, "threads": torch.get_num_threads(),
               "num_workers": cfg.num_workers, "batches_per_epoch": len(parts.loader),
