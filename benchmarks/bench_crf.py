@@ -15,10 +15,10 @@ import numpy as np
 from scipy import ndimage
 
 from inference.irn_steps.ir_labels import process_image
-from model_training.common.worker_pool import run_pool
 from model_training.common import step_io
 from model_training.common.auto_thresholds import IRNET_VALUES
 from model_training.common.crf import IRNET_PARAMS
+from model_training.common.worker_pool import run_pool
 
 SIZES = {"240x180": (180, 240, 32), "500x375": (375, 500, 16)}  # h, w, number of images
 

@@ -46,9 +46,8 @@ def test_a_step_without_its_inputs_is_a_step_error(tmp_path):
 
 def test_cpu_counters_count_this_process():
     bench = _bench()
-    user0, _, faults0 = bench.cpu_counters()
+    _, _, faults0 = bench.cpu_counters()
     buffers = [bytearray(b"x" * (1 << 20)) for _ in range(64)]  # writes 64 MiB: page faults
-    total = sum(len(b) for b in buffers)
-    user1, _, faults1 = bench.cpu_counters()
-    assert total == 64 << 20
-    assert faults1 > faults0 and user1 >= user0
+    _, _, faults1 = bench.cpu_counters()
+    del buffers
+    assert faults1 - faults0 >= 1000  # 64 MiB is 16,384 pages; the allocator may reuse some

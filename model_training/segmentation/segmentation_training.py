@@ -308,7 +308,9 @@ def training_parts(cfg: Config, device: torch.device) -> TrainingParts:
     """The network, loader and loss step 6 trains, without claiming its folder."""
     train_source = build_source(cfg.dataset, cfg.dataset.train_split)
     val_source = build_source(cfg.dataset, cfg.dataset.val_split)
-    return _parts(cfg, device, mask_dir_for(cfg), train_source, val_source)[0]
+    mask_dir = mask_dir_for(cfg)
+    _check_settings(cfg, train_source.num_classes)
+    return _parts(cfg, device, mask_dir, train_source, val_source)[0]
 
 
 def _train(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path | None,
