@@ -175,6 +175,34 @@ def test_dataset_reads_pseudo_masks_at_image_size(tmp_path):
     np.testing.assert_array_equal(mask, load_png(folder / f"{source.ids[0]}.png"))
 
 
+def test_repeat_threshold_draws_the_images_of_a_rare_mask_class_more_often(tmp_path):
+    """t = 1: class 1 is in every mask (drawn once), class 3 in one of four (sqrt(1 / 0.25) =
+    2 draws an epoch); unsure pixels (255) hold no class."""
+    cfg = tiny_config(tmp_path, "data.repeat_threshold=1.0", f"pseudo_mask_dir={tmp_path / 'masks'}")
+    source = build_source(cfg.dataset, "train")
+    for n, image_id in enumerate(source.ids):
+        mask = np.ones((48, 64), np.uint8)
+        mask[:4] = 255
+        mask[10:20, 10:20] = 3 if n == 0 else 1
+        save_png(tmp_path / "masks" / f"{image_id}.png", mask)
+    dataset = SegmentationDataset(source, tmp_path / "masks", transform=None)
+    expected = np.zeros((4, 6))
+    expected[:, 0] = 1
+    expected[0, 2] = 1
+    np.testing.assert_array_equal(dataset.mask_classes(), expected)
+
+    parts = seg.training_parts(cfg, torch.device("cpu"))
+    first_epoch = list(parts.loader.sampler)
+    assert sorted(first_epoch) == [0, 0, 1, 2, 3]
+    parts.loader.sampler.set_epoch(1)
+    assert sorted(parts.loader.sampler) == [0, 0, 1, 2, 3] and list(parts.loader.sampler) != first_epoch
+
+
+def test_repeat_threshold_out_of_range_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="data.repeat_threshold"):
+        tiny_config(tmp_path, "data.repeat_threshold=1.5")
+
+
 class FixedLogits(nn.Module):
     """A stand-in network: the same hand-made logits whatever the (2x2) input."""
 

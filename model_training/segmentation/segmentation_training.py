@@ -26,13 +26,14 @@ from inference.segmentation.submit.generate_predictions import (checkpoint_metad
                                                                 predict_probabilities)
 from model_training.common import distributed
 from model_training.common.checkpoints import read_checkpoint
-from model_training.common.config import (AT_LEAST_1, AT_LEAST_ONE_ITEM, NON_NEGATIVE,
-                                          NONE_OR_PAIR, POSITIVE, Config, ConfigError, Schema,
-                                          StepError, merge_defaults)
+from model_training.common.config import (AT_LEAST_1, AT_LEAST_ONE_ITEM, FRACTION,
+                                          NON_NEGATIVE, NONE_OR_PAIR, POSITIVE, Config,
+                                          ConfigError, Schema, StepError, merge_defaults)
 from model_training.common.datasets import ImageLoadError, ImageSource, build_source
 from model_training.common.metrics import IGNORE_INDEX, ConfusionMatrix
 from model_training.common.models.segmentation import build_model, model_config_from
 from model_training.common.progress import progress
+from model_training.common.sampling import RepeatFactorSampler, repeat_factors
 from model_training.common.step_io import (STEP_DIRS, first_line, load_png, report_failure,
                                            step_dir, stopped_at, write_or_stop)
 from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, TrainingParts,
@@ -63,6 +64,7 @@ DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
         "crop_size": 320,  # square training crop (padded with ignore); a multiple of the stride
         "hflip": True,
         "color_jitter": 0.0,
+        "repeat_threshold": 0.0,  # repeat-factor sampling (LVIS) by the classes each mask holds; 0: off
     },
     "loss": {
         "class_weights": None,  # null or one weight per class (background first)
@@ -85,6 +87,7 @@ DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
     "data.scale_range": POSITIVE,
     "data.crop_size": NON_NEGATIVE,  # a multiple of the network's stride: checked at the start
     "data.color_jitter": NON_NEGATIVE,
+    "data.repeat_threshold": FRACTION,
     "loss.class_weights": NON_NEGATIVE,
     "val.max_images": NON_NEGATIVE,
     "export.scales": POSITIVE,
@@ -165,6 +168,23 @@ class SegmentationDataset(Dataset):
                                  f"{self.source.num_classes} classes")
         return image, mask
 
+    def mask_classes(self) -> np.ndarray:
+        """(images, foreground classes) 0/1: which classes each training mask holds, for
+        repeat-factor sampling; a mask that cannot be read holds none (training reports it)."""
+        present = np.zeros((len(self.ids), self.source.num_classes - 1), dtype=np.float64)
+        for row, image_id in enumerate(self.ids):
+            try:
+                mask = (self.source.load_mask(image_id) if self.mask_dir is None
+                        else load_png(self.mask_dir / f"{image_id}.png"))
+            except (ImageLoadError, OSError):
+                continue
+            if mask is None:
+                continue
+            classes = np.unique(mask)
+            classes = classes[(classes > 0) & (classes < self.source.num_classes)]
+            present[row, classes - 1] = 1.0
+        return present
+
     def __getitem__(self, index: int):
         for offset in range(len(self.ids)):
             image_id = self.ids[(index + offset) % len(self.ids)]
@@ -177,12 +197,20 @@ class SegmentationDataset(Dataset):
         raise StepError("no training image could be read (see the warnings above)")
 
 
-def build_train_loader(dataset: Dataset, batch_size: int, num_workers: int, seed: int,
-                       pin_memory: bool) -> DataLoader:
+def build_train_loader(dataset: SegmentationDataset, batch_size: int, num_workers: int, seed: int,
+                       pin_memory: bool, repeat_threshold: float = 0.0) -> DataLoader:
+    """Shuffled batches; with ``repeat_threshold`` an image whose mask holds a class that few
+    masks hold is drawn up to sqrt(t / share) times an epoch (step 1 draws by labels alike)."""
     generator = torch.Generator()
     generator.manual_seed(seed)
-    # Under torchrun each rank takes its share of every epoch; one process shuffles as it did.
-    sampler = distributed.train_sampler(dataset, seed) if distributed.world_size() > 1 else None
+    if repeat_threshold > 0:
+        sampler = RepeatFactorSampler(repeat_factors(dataset.mask_classes(), repeat_threshold),
+                                      seed=seed, num_replicas=distributed.world_size(),
+                                      rank=distributed.rank())
+    elif distributed.world_size() > 1:  # each rank takes its share of every epoch
+        sampler = distributed.train_sampler(dataset, seed)
+    else:  # one process shuffles with the loader's generator
+        sampler = None
     per_rank = len(dataset) if sampler is None else len(sampler)
     # BatchNorm cannot train on a batch of one: drop a ragged last batch when there is a full one.
     return DataLoader(dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
@@ -278,7 +306,8 @@ def _parts(cfg: Config, device: torch.device, mask_dir: Path | None,
                                 color_jitter=data.color_jitter)
     dataset = SegmentationDataset(train_source, mask_dir, transform, cfg.on_error)
     loader = build_train_loader(dataset, cfg.train.batch_size, cfg.num_workers,
-                                cfg.seed, pin_memory=device.type == "cuda")
+                                cfg.seed, pin_memory=device.type == "cuda",
+                                repeat_threshold=data.repeat_threshold)
 
     weights = cfg.loss.class_weights
     criterion = nn.CrossEntropyLoss(
@@ -322,7 +351,9 @@ def _train(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path | No
                                    IMAGENET_STD)
     fields = {**metadata, "mask_source": cfg.mask_source, "config": cfg.to_dict()}
     masks = "ground-truth" if mask_dir is None else str(mask_dir)
-    print(f"6_segmentation: {len(parts.loader.dataset)} training images (masks: {masks}), "
+    draws = (f", {len(parts.loader.sampler)} draws an epoch (repeat_threshold "
+             f"{cfg.data.repeat_threshold:g})" if cfg.data.repeat_threshold > 0 else "")
+    print(f"6_segmentation: {len(parts.loader.dataset)} training images{draws} (masks: {masks}), "
           f"{model_config['arch']} / {model_config['encoder_name']}, device {device}", file=sys.stderr)
     trainer = Trainer(distributed.wrap_model(parts.model, device, cfg.train.sync_bn),
                       parts.param_groups, parts.loader, out_dir, cfg.train, device,
