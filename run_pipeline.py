@@ -1,6 +1,6 @@
 """Run all seven steps on one dataset, score every stage, write report.json and a figure.
 
-    python run_pipeline.py configs/toy [key=value ...] [--gt-bound]
+    python run_pipeline.py configs/toy [key=value ...] [--gt-bound] [--seeds N]
 
 Each step runs through the same function its own script calls, with the config file
 ``configs/<dataset>/<n>_<step>.yaml``. A step whose folder says it finished, by the same settings
@@ -12,6 +12,9 @@ shortens all training).
 ``--gt-bound`` also trains step 6 on the ground-truth masks with the same settings and
 predicts with step 7 (into ``<work_dir>/gt_bound/``), so the report shows how much of the
 fully supervised result the pseudo masks reach.
+``--seeds N`` trains steps 6-7 (and the bound) again with the N-1 seeds after the config's, each
+in ``<work_dir>/seed_<s>/`` on the same pseudo masks, and reports their mean and spread: a
+3-epoch step 6 moves by a few points between seeds, more than many levers are worth.
 """
 from __future__ import annotations
 
@@ -22,8 +25,8 @@ from pathlib import Path
 from types import ModuleType
 
 from inference.scoring.examples import write_examples
-from inference.scoring.report import (GT_BOUND_DIR, build_report, format_report, score_stages,
-                                      write_report)
+from inference.scoring.report import (GT_BOUND_DIR, build_report, format_report, score_seeds,
+                                      score_stages, seed_dir, write_report)
 from model_training.common import steps
 from model_training.common.allocator import tune_allocator
 from model_training.common.config import (COMMON_DEFAULTS, ConfigError, StepError, load_config,
@@ -120,12 +123,42 @@ def run_gt_bound(config_dir: Path, overrides: list[str], work_dir) -> float:
     return round(sum(seconds.values()), 2)
 
 
+def run_extra_seeds(config_dir: Path, overrides: list[str], segmentation, seeds: list[int],
+                    gt_bound: bool) -> dict[str, float]:
+    """Steps 6-7 (and with ``gt_bound`` the bound) again for each of ``seeds`` in
+    ``<work_dir>/seed_<s>/``, trained on the run's own pseudo masks; seconds per folder.
+    ``segmentation`` is the run's step-6 config."""
+    masks = segmentation.pseudo_mask_dir or Path(segmentation.work_dir) / STEP_DIRS[5]
+    seconds = {}
+    for seed in seeds:
+        folder = seed_dir(segmentation.work_dir, seed)
+        seed_overrides = [*overrides, f"work_dir={folder}", f"seed={seed}",
+                          f"pseudo_mask_dir={masks}"]
+        step_configs = exit_on_config_error(load_step_configs, config_dir, seed_overrides)
+        done = exit_on_config_error(
+            run_steps, [s for s in step_configs if s[0] in (STEP_DIRS[6], STEP_DIRS[7])],
+            label=folder.name)
+        seconds[folder.name] = round(sum(done.values()), 2)
+        if gt_bound:
+            seconds[f"{folder.name}/{GT_BOUND_DIR}"] = run_gt_bound(config_dir, seed_overrides, folder)
+    return seconds
+
+
+def _seed_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of seeds, at least 1, got {text!r}")
+    return int(text)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config_dir", type=Path, help="e.g. configs/toy")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     parser.add_argument("--gt-bound", action="store_true",
                         help="also train step 6 on ground-truth masks (same config) and score it")
+    parser.add_argument("--seeds", type=_seed_count, default=1, metavar="N",
+                        help="train steps 6-7 with N seeds (the config's and the next N-1, in "
+                             "<work_dir>/seed_<s>/) and report their mean and spread")
     args = parser.parse_args(argv)
     tune_allocator()
     step_configs = exit_on_config_error(load_step_configs, args.config_dir, args.overrides)
@@ -134,9 +167,15 @@ def main(argv=None) -> dict:
     cam_split = next(c for name, _, c in step_configs if name == STEP_DIRS[2]).cams.split
     if args.gt_bound:
         seconds[GT_BOUND_DIR] = run_gt_bound(args.config_dir, args.overrides, cfg.work_dir)
-    stages = exit_on_config_error(score_stages, cfg, cam_split, STEPS[6].predicted_split(cfg),
-                                  args.gt_bound)
-    report = build_report(cfg, stages, seconds)
+    segmentation = next(c for name, _, c in step_configs if name == STEP_DIRS[6])
+    seeds = [segmentation.seed + n for n in range(args.seeds)]
+    seconds.update(run_extra_seeds(args.config_dir, args.overrides, segmentation, seeds[1:],
+                                   args.gt_bound))
+    val_split = STEPS[6].predicted_split(cfg)
+    stages = exit_on_config_error(score_stages, cfg, cam_split, val_split, args.gt_bound)
+    over_seeds = exit_on_config_error(score_seeds, cfg, val_split, seeds, stages, args.gt_bound) \
+        if len(seeds) > 1 else {}
+    report = build_report(cfg, stages, seconds, over_seeds)
     write_report(report, cfg.work_dir)
     print(format_report(report))
     figure = write_examples(build_source(cfg.dataset, cam_split), cfg.work_dir,

@@ -4,9 +4,11 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from tests.conftest import REPO
@@ -222,6 +224,64 @@ def test_gt_bound_trains_steps_6_and_7_on_ground_truth_only(tiny_run, tmp_path):
     assert stages["segmentation"]["of_gt_bound"] == pytest.approx(
         stages["segmentation"]["miou"] / stages["gt_bound"]["miou"], abs=1e-4)
     assert report["seconds"]["gt_bound"] > 0
+
+
+def test_seeds_train_steps_6_and_7_again_on_the_same_pseudo_masks(tiny_run, tmp_path):
+    """Issue 32: one 3-epoch step 6 is not a measurement; --seeds 2 trains it again with seed 1
+    in seed_1/ on the run's own pseudo masks and reports the mean and spread of both."""
+    work_dir = tmp_path
+    _copy_steps(tiny_run[0], work_dir, 7)
+    command = [sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / "toy"),
+               f"work_dir={work_dir}", *TINY, "--seeds", "2"]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished earlier: skipped") == 7
+    assert "[seed_1/6_segmentation] running" in proc.stdout
+    seed_config = yaml.safe_load((work_dir / "seed_1" / "6_segmentation" / "config.yaml").read_text())
+    assert seed_config["seed"] == 1
+    assert Path(seed_config["pseudo_mask_dir"]) == work_dir / "5_pseudo_masks"
+    steps = sorted(p.name for p in (work_dir / "seed_1").iterdir() if p.name[0].isdigit())
+    assert steps == ["6_segmentation", "7_predictions"]
+
+    report = json.loads((work_dir / "report.json").read_text())
+    seeds = report["seeds"]
+    first = report["stages"]["segmentation"]["miou"]
+    second = seeds["segmentation"]["miou"]["1"]
+    assert seeds["seeds"] == [0, 1] and seeds["segmentation"]["miou"]["0"] == first
+    assert seeds["segmentation"]["mean"] == pytest.approx((first + second) / 2, abs=0.01)
+    assert seeds["segmentation"]["spread"] == pytest.approx(abs(first - second), abs=0.01)
+    assert "gt_bound" not in seeds and report["seconds"]["seed_1"] > 0
+    assert f"seeds 0, 1: segmentation mean {seeds['segmentation']['mean']:.2f}" in proc.stdout
+
+    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert again.returncode == 0 and again.stdout.count("finished earlier: skipped") == 9
+
+
+def test_seed_count_must_be_at_least_one():
+    proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / "toy"),
+                           "--seeds", "0"], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 2 and "--seeds: must be a whole number of seeds, at least 1" in proc.stderr
+
+
+def test_report_of_seeds_gives_mean_spread_ratio_and_each_seeds_dropped_class():
+    from inference.scoring.report import format_report
+
+    seeds = {"seeds": [0, 1],
+             "segmentation": {"miou": {"0": 30.0, "1": 26.0}, "mean": 28.0, "spread": 4.0},
+             "gt_bound": {"miou": {"0": 41.0, "1": 39.0}, "mean": 40.0, "spread": 2.0},
+             "of_gt_bound": 0.7,
+             "dropped_classes": {"1": {"bicyclist": {"pseudo_mask": 25.6, "segmentation": 0.0}}}}
+    report = {"classifier": {"val_map": None}, "stages": {},
+              "seconds": {"7_predictions": 1.0, "seed_1": 2.0, "seed_1/gt_bound": 3.0},
+              "seeds": seeds}
+    lines = format_report(report).splitlines()
+    assert "seeds 0, 1: segmentation mean 28.00, spread 4.00 (30.00 / 26.00); gt bound mean " \
+           "40.00, spread 2.00 (41.00 / 39.00); 70 % of gt bound" in lines
+    assert [l.split()[-2:] for l in lines if l.startswith("seed_1")] == [["26.00", "2.0"],
+                                                                         ["39.00", "3.0"]]
+    assert [l for l in lines if l.startswith("warning")] == [
+        "warning: step 6 dropped 'bicyclist' (seed 1): 25.6 IoU in the pseudo masks, 0.0 in "
+        "the final model"]
 
 
 def _step7_config(tmp_path, *overrides):

@@ -14,6 +14,8 @@ STAGE_OF_STEP = {STEP_DIRS[2]: "cam", STEP_DIRS[3]: "ir_label", STEP_DIRS[5]: "p
 # Where ``run_pipeline.py --gt-bound`` trains and predicts the same step-6 config on the
 # ground-truth masks: the fully supervised bound the segmentation stage is judged against.
 GT_BOUND_DIR = "gt_bound"
+# Where ``run_pipeline.py --seeds N`` trains and predicts steps 6-7 again with seed <s>.
+SEED_DIR_PREFIX = "seed_"
 # Columns of the per-class table: the stages, then the bound.
 STAGE_TITLES = {"cam": "CAM", "ir_label": "IR", "pseudo_mask": "pseudo", "segmentation": "seg",
                 "gt_bound": "gt bound"}
@@ -52,24 +54,71 @@ def score_stages(cfg, train_split: str, val_split: str, gt_bound: bool = False) 
         stages["pseudo_mask"] = _stage(pseudo, **({"coverage": pseudo["coverage"]} if unsure else {}))
     val = build_source(cfg.dataset, val_split)
     if val.has_masks:
-        for key, folder in (("segmentation", work_dir), ("gt_bound", work_dir / GT_BOUND_DIR)):
-            if key == "gt_bound" and not gt_bound:
-                continue
-            seg = evaluate_label_folder(folder / STEP_DIRS[7], val.load_mask, val.num_classes,
-                                        val.ids, class_names=val.class_names, allow_missing=True)
-            stages[key] = _stage(seg, split=val_split)
+        stages["segmentation"] = _score_predictions(work_dir, val, val_split)
+        if gt_bound:
+            stages["gt_bound"] = _score_predictions(work_dir / GT_BOUND_DIR, val, val_split)
     if "segmentation" in stages and "gt_bound" in stages and stages["gt_bound"]["miou"]:
         ratio = stages["segmentation"]["miou"] / stages["gt_bound"]["miou"]
         stages["segmentation"]["of_gt_bound"] = round(ratio, 4)
     return stages
 
 
-def dropped_classes(stages: dict) -> dict:
+def _score_predictions(work_dir: Path, val, val_split: str) -> dict:
+    """Step 7's masks in ``<work_dir>/7_predictions`` against the val masks."""
+    seg = evaluate_label_folder(work_dir / STEP_DIRS[7], val.load_mask, val.num_classes, val.ids,
+                                class_names=val.class_names, allow_missing=True)
+    return _stage(seg, split=val_split)
+
+
+def seed_dir(work_dir, seed: int) -> Path:
+    return Path(work_dir) / f"{SEED_DIR_PREFIX}{seed}"
+
+
+def _over_seeds(runs: dict[int, dict]) -> dict:
+    """mIoU per seed, their mean and spread (max - min), and each class's mean IoU."""
+    mious = [run["miou"] for run in runs.values()]
+    names = list(next(iter(runs.values()))["per_class_iou"])
+    per_class = {}
+    for name in names:
+        values = [run["per_class_iou"].get(name) for run in runs.values()]
+        values = [v for v in values if v is not None]
+        per_class[name] = round(sum(values) / len(values), 2) if values else None
+    return {"miou": {str(seed): run["miou"] for seed, run in runs.items()},
+            "mean": round(sum(mious) / len(mious), 2), "spread": round(max(mious) - min(mious), 2),
+            "per_class_iou": per_class,
+            "per_seed_iou": {str(seed): run["per_class_iou"] for seed, run in runs.items()}}
+
+
+def score_seeds(cfg, val_split: str, seeds: list[int], stages: dict, gt_bound: bool = False) -> dict:
+    """The segmentation (and with ``gt_bound`` the bound) of every seed: ``seeds[0]`` is the
+    run's own (``stages``), each other one's steps 6-7 are in ``seed_<s>/``. Empty without
+    val masks: a spread of nothing scored would say nothing."""
+    if "segmentation" not in stages:
+        return {}
+    val = build_source(cfg.dataset, val_split)
+    block: dict = {"seeds": list(seeds)}
+    for key, own, sub in (("segmentation", "segmentation", ""), ("gt_bound", "gt_bound", GT_BOUND_DIR)):
+        if key == "gt_bound" and not gt_bound:
+            continue
+        runs = {seeds[0]: stages[own]}
+        for seed in seeds[1:]:
+            runs[seed] = _score_predictions(seed_dir(cfg.work_dir, seed) / sub, val, val_split)
+        block[key] = _over_seeds(runs)
+    dropped = {seed: dropped_classes(stages, iou)
+               for seed, iou in block["segmentation"]["per_seed_iou"].items()}
+    block["dropped_classes"] = {seed: found for seed, found in dropped.items() if found}
+    if "gt_bound" in block and block["gt_bound"]["mean"]:
+        block["of_gt_bound"] = round(block["segmentation"]["mean"] / block["gt_bound"]["mean"], 4)
+    return block
+
+
+def dropped_classes(stages: dict, final: dict | None = None) -> dict:
     """{class: {"pseudo_mask": IoU, "segmentation": IoU}} of the classes the pseudo masks hold
     (``HELD_FROM``) and the final model loses (``DROPPED_BELOW``): step 6 did not learn them,
-    a loss no earlier stage explains."""
+    a loss no earlier stage explains. ``final``: another model's per-class IoU (another seed)."""
     pseudo = stages.get("pseudo_mask", {}).get("per_class_iou") or {}
-    final = stages.get("segmentation", {}).get("per_class_iou") or {}
+    if final is None:
+        final = stages.get("segmentation", {}).get("per_class_iou") or {}
     return {name: {"pseudo_mask": iou, "segmentation": final[name]}
             for name, iou in pseudo.items() if name != "background" and iou is not None
             and iou >= HELD_FROM and final.get(name) is not None and final[name] < DROPPED_BELOW}
@@ -83,7 +132,7 @@ def auto_thresholds(work_dir) -> dict:
     return derived
 
 
-def build_report(cfg, stages: dict, seconds: dict) -> dict:
+def build_report(cfg, stages: dict, seconds: dict, seeds: dict | None = None) -> dict:
     classifier = read_done(Path(cfg.work_dir) / STEP_DIRS[1]) or {}
     report = {
         "dataset": cfg.dataset.name if cfg.dataset.name != "voc" else Path(cfg.dataset.root).name,
@@ -103,6 +152,8 @@ def build_report(cfg, stages: dict, seconds: dict) -> dict:
     dropped = dropped_classes(stages)
     if dropped:
         report["dropped_classes"] = dropped
+    if seeds:
+        report["seeds"] = seeds
     return report
 
 
@@ -161,6 +212,8 @@ def format_report(report: dict) -> str:
         stage = report["stages"].get(key) if key else None
         if stage and stage.get("miou") is not None:
             title, score = _stage_cell(key, stage), stage["miou"]
+        if name.startswith(SEED_DIR_PREFIX) and report.get("seeds"):
+            title, score = _seed_cell(name, report["seeds"])
         rows.append((name, title, _number(score), f"{seconds:.1f}"))
     rows.append(("total", "", "", f"{sum(report['seconds'].values()):.1f}"))
     lines = _table(("step", "stage", "mIoU", "seconds"), rows, left=2)
@@ -178,7 +231,36 @@ def format_report(report: dict) -> str:
             "no masks: IRNet's values"
         lines += ["", "auto: " + ", ".join(f"{k}={v:g}" for k, v in derived.items())
                   + f" ({source})"]
-    for name, iou in report.get("dropped_classes", {}).items():
-        lines.append(f"warning: step 6 dropped '{name}': {iou['pseudo_mask']:.1f} IoU in the "
-                     f"pseudo masks, {iou['segmentation']:.1f} in the final model")
+    seeds = report.get("seeds")
+    if seeds:
+        lines += ["", _seeds_line(seeds)]
+    dropped = {None: report.get("dropped_classes", {})}
+    if seeds:
+        dropped.update((seed, found) for seed, found in seeds["dropped_classes"].items()
+                       if seed != str(seeds["seeds"][0]))
+    for seed, found in dropped.items():
+        which = f" (seed {seed})" if seed is not None else ""
+        for name, iou in found.items():
+            lines.append(f"warning: step 6 dropped '{name}'{which}: {iou['pseudo_mask']:.1f} IoU "
+                         f"in the pseudo masks, {iou['segmentation']:.1f} in the final model")
     return "\n".join(lines)
+
+
+def _seed_cell(name: str, seeds: dict) -> tuple[str, float | None]:
+    """``seed_1`` -> (``segmentation, seed 1 (val)``, its mIoU); ``seed_1/gt_bound`` alike."""
+    seed, _, sub = name[len(SEED_DIR_PREFIX):].partition("/")
+    key = "gt_bound" if sub == GT_BOUND_DIR else "segmentation"
+    title = "same step 6 on ground truth" if key == "gt_bound" else "segmentation"
+    return f"{title}, seed {seed}", seeds.get(key, {}).get("miou", {}).get(seed)
+
+
+def _seeds_line(seeds: dict) -> str:
+    """``seeds 0, 1: segmentation mean 29.22, spread 2.24 (30.34 / 28.10); ...``."""
+    parts = []
+    for key, title in (("segmentation", "segmentation"), ("gt_bound", "gt bound")):
+        if key in seeds:
+            over = seeds[key]
+            each = " / ".join(_number(v) for v in over["miou"].values())
+            parts.append(f"{title} mean {over['mean']:.2f}, spread {over['spread']:.2f} ({each})")
+    ratio = f"; {100 * seeds['of_gt_bound']:.0f} % of gt bound" if "of_gt_bound" in seeds else ""
+    return f"seeds {', '.join(map(str, seeds['seeds']))}: " + "; ".join(parts) + ratio
