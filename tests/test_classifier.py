@@ -363,3 +363,12 @@ def test_init_from_is_an_input_of_step_1(tmp_path):
     classifier_training.run(cfg)
     recipe = json.loads((tmp_path / "b" / "1_classifier" / "provenance.json").read_text())
     assert recipe["inputs"]["init_from"].startswith("file ")
+
+
+def test_loaders_pin_memory_only_for_a_cuda_device(tmp_path, monkeypatch):
+    """A CPU run on a machine that has a GPU must not pin its batches (it did: the loader asked
+    whether CUDA exists, not where the batches go)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    cfg = toy_config(tmp_path)
+    parts = classifier_training.training_parts(cfg, torch.device("cpu"))
+    assert parts.loader.pin_memory is False

@@ -279,11 +279,13 @@ def _transform(data: Config, train: bool):
                            color_jitter=data.color_jitter)
 
 
-def _loader(dataset: Dataset, batch_size: int, num_workers: int, sampler=None,
-            drop_last: bool = False) -> DataLoader:
+def _loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device,
+            sampler=None, drop_last: bool = False) -> DataLoader:
+    """Pinned host memory only when batches go to a CUDA device (a CPU run on a machine with
+    a GPU would pin for nothing)."""
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       collate_fn=collate_images, drop_last=drop_last, worker_init_fn=seed_worker,
-                      persistent_workers=num_workers > 0, pin_memory=torch.cuda.is_available())
+                      persistent_workers=num_workers > 0, pin_memory=device.type == "cuda")
 
 
 def _check_config(cfg: Config) -> None:
@@ -333,7 +335,7 @@ def _parts(cfg: Config, data: TrainingData, device: torch.device) -> TrainingPar
     else:
         sampler = distributed.train_sampler(train_set, cfg.seed)
     batch_size = cfg.train.batch_size
-    train_loader = _loader(train_set, batch_size, cfg.num_workers, sampler,
+    train_loader = _loader(train_set, batch_size, cfg.num_workers, device, sampler,
                            drop_last=len(sampler) > batch_size)
 
     validate_fn = None
@@ -343,7 +345,7 @@ def _parts(cfg: Config, data: TrainingData, device: torch.device) -> TrainingPar
         val_set = MultiLabelDataset(val_source, val_ids, val_labels, class_ids,
                                     _transform(cfg.data, False), substitute=False,
                                     on_error=cfg.on_error)
-        val_loader = _loader(val_set, cfg.val.batch_size, cfg.num_workers)
+        val_loader = _loader(val_set, cfg.val.batch_size, cfg.num_workers, device)
 
         def validate_fn(model: CamClassifier) -> dict:
             scores, targets = predict_scores(model, val_loader, device)
