@@ -351,9 +351,9 @@ def _train(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path | No
                                    IMAGENET_STD)
     fields = {**metadata, "mask_source": cfg.mask_source, "config": cfg.to_dict()}
     masks = "ground-truth" if mask_dir is None else str(mask_dir)
-    draws = (f", {len(parts.loader.sampler)} draws an epoch (repeat_threshold "
-             f"{cfg.data.repeat_threshold:g})" if cfg.data.repeat_threshold > 0 else "")
-    print(f"6_segmentation: {len(parts.loader.dataset)} training images{draws} (masks: {masks}), "
+    draws = (f"{len(parts.loader.sampler)} draws an epoch by repeat_threshold "
+             f"{cfg.data.repeat_threshold:g}; " if cfg.data.repeat_threshold > 0 else "")
+    print(f"6_segmentation: {len(parts.loader.dataset)} training images ({draws}masks: {masks}), "
           f"{model_config['arch']} / {model_config['encoder_name']}, device {device}", file=sys.stderr)
     trainer = Trainer(distributed.wrap_model(parts.model, device, cfg.train.sync_bn),
                       parts.param_groups, parts.loader, out_dir, cfg.train, device,
