@@ -97,10 +97,10 @@ def score_seeds(cfg, val_split: str, seeds: list[int], stages: dict, gt_bound: b
         return {}
     val = build_source(cfg.dataset, val_split)
     block: dict = {"seeds": list(seeds)}
-    for key, own, sub in (("segmentation", "segmentation", ""), ("gt_bound", "gt_bound", GT_BOUND_DIR)):
+    for key, sub in (("segmentation", ""), ("gt_bound", GT_BOUND_DIR)):
         if key == "gt_bound" and not gt_bound:
             continue
-        runs = {seeds[0]: stages[own]}
+        runs = {seeds[0]: stages[key]}
         for seed in seeds[1:]:
             runs[seed] = _score_predictions(seed_dir(cfg.work_dir, seed) / sub, val, val_split)
         block[key] = _over_seeds(runs)
@@ -232,10 +232,9 @@ def format_report(report: dict) -> str:
         lines += ["", "auto: " + ", ".join(f"{k}={v:g}" for k, v in derived.items())
                   + f" ({source})"]
     seeds = report.get("seeds")
-    if seeds:
-        lines += ["", _seeds_line(seeds)]
     dropped = {None: report.get("dropped_classes", {})}
     if seeds:
+        lines += ["", _seeds_line(seeds)]
         dropped.update((seed, found) for seed, found in seeds["dropped_classes"].items()
                        if seed != str(seeds["seeds"][0]))
     for seed, found in dropped.items():
@@ -247,7 +246,7 @@ def format_report(report: dict) -> str:
 
 
 def _seed_cell(name: str, seeds: dict) -> tuple[str, float | None]:
-    """``seed_1`` -> (``segmentation, seed 1 (val)``, its mIoU); ``seed_1/gt_bound`` alike."""
+    """``seed_1`` -> (``segmentation, seed 1``, its mIoU); ``seed_1/gt_bound`` alike."""
     seed, _, sub = name[len(SEED_DIR_PREFIX):].partition("/")
     key = "gt_bound" if sub == GT_BOUND_DIR else "segmentation"
     title = "same step 6 on ground truth" if key == "gt_bound" else "segmentation"

@@ -149,17 +149,20 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def load_mask(self, image_id: str) -> np.ndarray | None:
+        """The training mask as stored: a pseudo mask, or the ground truth (None if absent)."""
+        if self.mask_dir is None:
+            return self.source.load_mask(image_id)
+        path = self.mask_dir / f"{image_id}.png"
+        try:
+            return load_png(path)
+        except OSError as err:
+            raise ImageLoadError(f"cannot read mask {path}: {err}") from None
+
     def load_pair(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
         """uint8 image and mask at the image's original size."""
         image = self.source.load_image(image_id)
-        if self.mask_dir is None:
-            mask = self.source.load_mask(image_id)
-        else:
-            path = self.mask_dir / f"{image_id}.png"
-            try:
-                mask = load_png(path)
-            except OSError as err:
-                raise ImageLoadError(f"cannot read mask {path}: {err}") from None
+        mask = self.load_mask(image_id)
         if mask is None or mask.shape != image.shape[:2]:
             shape = None if mask is None else mask.shape
             raise ImageLoadError(f"mask of {image_id} has shape {shape}, image {image.shape[:2]}")
@@ -174,9 +177,8 @@ class SegmentationDataset(Dataset):
         present = np.zeros((len(self.ids), self.source.num_classes - 1), dtype=np.float64)
         for row, image_id in enumerate(self.ids):
             try:
-                mask = (self.source.load_mask(image_id) if self.mask_dir is None
-                        else load_png(self.mask_dir / f"{image_id}.png"))
-            except (ImageLoadError, OSError):
+                mask = self.load_mask(image_id)
+            except ImageLoadError:
                 continue
             if mask is None:
                 continue
