@@ -10,7 +10,7 @@ import pytest
 
 from model_training.common.config import ConfigError
 from model_training.common.evaluation import (evaluate_cam_folder, evaluate_label_folder,
-                                              png_folder_loader)
+                                              format_table, png_folder_loader)
 from model_training.common.metrics import (ConfusionMatrix, average_precision,
                                            classification_metrics)
 from model_training.common.step_io import save_cams, save_png
@@ -59,6 +59,9 @@ def test_label_folder_with_unsure_pixels(tmp_path):
     assert result["coverage"] == pytest.approx(75.0)
     # confident: (0,0) right, (0,1) right, (1,1) 1->0 wrong: class 0 iou 1/2, class 1 iou 1/2
     assert result["miou"] == pytest.approx(50.0)
+    # of class 1's three ground-truth pixels one is unsure; class 0's one is labelled
+    assert result["per_class_coverage"] == {"0": pytest.approx(100.0), "1": pytest.approx(200 / 3)}
+    assert "labelled" in format_table(result).splitlines()[0]
 
 
 def test_cam_threshold_sweep_finds_the_separating_threshold(tmp_path):
@@ -306,6 +309,13 @@ def test_report_scores_what_a_step_wrote_and_records_what_it_left_out(tmp_path):
     save_png(tmp_path / "5_pseudo_masks" / f"{train.ids[0]}.png", gt)
     pseudo = score_stages(cfg, "train", "val")["pseudo_mask"]
     assert pseudo["miou"] == pytest.approx(100.0) and 0 < pseudo["coverage"] < 100
+    # per class: the classes under the unsure rows lose exactly those pixels
+    masks = [train.load_mask(image_id) for image_id in train.ids if image_id != train.ids[1]]
+    for c, name in enumerate(train.class_names):
+        pixels = sum(int((m == c).sum()) for m in masks)
+        lost = int((masks[0][:8] == c).sum())
+        expected = None if pixels == 0 else pytest.approx(100.0 * (pixels - lost) / pixels)
+        assert pseudo["per_class_coverage"][name] == expected
 
 
 def test_json_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):

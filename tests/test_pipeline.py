@@ -126,11 +126,13 @@ def test_report_has_per_class_iou_of_every_stage(tiny_run):
         scored = [v for v in stage["per_class_iou"].values() if v is not None]
         assert stage["miou"] == pytest.approx(sum(scored) / len(scored), abs=1e-3)
     table = first.stdout[first.stdout.index("class IoU"):].splitlines()
-    assert table[0].split() == ["class", "IoU", "CAM", "IR", "pseudo", "seg"]
+    # the IoU of each stage, then the share of each class's pixels the IR labels label
+    assert table[0].split() == ["class", "IoU", "CAM", "IR", "pseudo", "seg", "IR", "labelled", "%"]
     person = table[2 + names.index("person")].split()
     for value, stage in zip(person[1:], ("cam", "ir_label", "pseudo_mask", "segmentation")):
         iou = report["stages"][stage]["per_class_iou"]["person"]
         assert value == ("-" if iou is None else f"{iou:.2f}")
+    assert person[-1] == f"{report['stages']['ir_label']['per_class_coverage']['person']:.2f}"
 
 
 def test_gt_bound_report_gives_the_ratio():

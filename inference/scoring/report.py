@@ -47,11 +47,14 @@ def score_stages(cfg, train_split: str, val_split: str, gt_bound: bool = False) 
         stages["cam"] = _stage(cams, threshold=cams["threshold"])
         ir = evaluate_label_folder(work_dir / STEP_DIRS[3], train.load_mask, n, train.ids,
                                    unsure_label=255, class_names=names, allow_missing=True)
-        stages["ir_label"] = _stage(ir, coverage=ir["coverage"])
+        stages["ir_label"] = _stage(ir, coverage=ir["coverage"],
+                                    per_class_coverage=ir["per_class_coverage"])
         pseudo = evaluate_label_folder(work_dir / STEP_DIRS[5], train.load_mask, n, train.ids,
                                        unsure_label=255, class_names=names, allow_missing=True)
         unsure = pseudo["coverage"] is not None and pseudo["coverage"] < 100  # unsure_margin
-        stages["pseudo_mask"] = _stage(pseudo, **({"coverage": pseudo["coverage"]} if unsure else {}))
+        stages["pseudo_mask"] = _stage(pseudo, **({
+            "coverage": pseudo["coverage"], "per_class_coverage": pseudo["per_class_coverage"]}
+            if unsure else {}))
     val = build_source(cfg.dataset, val_split)
     if val.has_masks:
         stages["segmentation"] = _score_predictions(work_dir, val, val_split)
@@ -217,13 +220,20 @@ def format_report(report: dict) -> str:
         rows.append((name, title, _number(score), f"{seconds:.1f}"))
     rows.append(("total", "", "", f"{sum(report['seconds'].values()):.1f}"))
     lines = _table(("step", "stage", "mIoU", "seconds"), rows, left=2)
-    scored = [k for k in STAGE_TITLES if report["stages"].get(k, {}).get("per_class_iou")]
+    stages = report["stages"]
+    scored = [k for k in STAGE_TITLES if stages.get(k, {}).get("per_class_iou")]
     if scored:
-        names = list(report["stages"][scored[0]]["per_class_iou"])
-        per_class = [(name, *(_number(report["stages"][k]["per_class_iou"].get(name))
-                              for k in scored)) for name in names]
-        per_class.append(("mIoU", *(_number(report["stages"][k]["miou"]) for k in scored)))
-        lines += ["", *_table(("class IoU", *(STAGE_TITLES[k] for k in scored)), per_class, 1)]
+        # then the share of each class's pixels the IR labels / pseudo masks label (not 255)
+        covered = [k for k in scored if stages[k].get("per_class_coverage")]
+        names = list(stages[scored[0]]["per_class_iou"])
+        per_class = [(name, *(_number(stages[k]["per_class_iou"].get(name)) for k in scored),
+                      *(_number(stages[k]["per_class_coverage"].get(name)) for k in covered))
+                     for name in names]
+        per_class.append(("mIoU", *(_number(stages[k]["miou"]) for k in scored),
+                          *(_number(stages[k]["coverage"]) for k in covered)))
+        header = ("class IoU", *(STAGE_TITLES[k] for k in scored),
+                  *(f"{STAGE_TITLES[k]} labelled %" for k in covered))
+        lines += ["", *_table(header, per_class, 1)]
     derived = dict(report.get("auto_thresholds", {}))
     if derived:
         threshold, images = derived.pop("cam_threshold"), derived.pop("images")

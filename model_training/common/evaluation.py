@@ -136,11 +136,15 @@ def evaluate_label_folder(pred_dir, load_gt: MaskLoader, num_classes: int,
                           allow_missing: bool = False) -> dict:
     """mIoU of ``<id>.png`` predictions of ``ids`` (default: those present). With
     ``unsure_label`` (255 for IR labels) those pixels are left out and the share of the rest
-    is returned as ``coverage`` (percent). Also returns how many images were scored,
-    ``missing`` and ``skipped`` (see the module docstring)."""
+    is returned as ``coverage`` (percent), and per ground-truth class as
+    ``per_class_coverage``: an unsure band that takes an object's pixels more often than the
+    background's shows there, not in the IoU of the labelled pixels. Also returns how many
+    images were scored, ``missing`` and ``skipped`` (see the module docstring)."""
     allowed = (IGNORE_INDEX,) if unsure_label is None else (IGNORE_INDEX, unsure_label)
     matrix = ConfusionMatrix(num_classes)
     confident = total = 0
+    class_pixels = np.zeros(num_classes, np.int64)
+    class_labelled = np.zeros(num_classes, np.int64)
     counts: dict = {}
     for pred_path, gt in _with_ground_truth(Path(pred_dir), ".png", ids, load_gt, num_classes,
                                             allow_missing, counts):
@@ -151,12 +155,19 @@ def evaluate_label_folder(pred_dir, load_gt: MaskLoader, num_classes: int,
             keep = pred != unsure_label
             confident += int(keep.sum())
             total += keep.size
+            scored = gt != IGNORE_INDEX
+            class_pixels += np.bincount(gt[scored], minlength=num_classes)
+            class_labelled += np.bincount(gt[scored & keep], minlength=num_classes)
             gt = np.where(keep, gt, IGNORE_INDEX)
         matrix.update(pred, gt)
     result = matrix.summary(list(class_names) if class_names else None)
     result.update(counts)
     if unsure_label is not None:
         result["coverage"] = round(100.0 * confident / total, 4) if total else None
+        names = class_names or [str(c) for c in range(num_classes)]
+        result["per_class_coverage"] = {
+            name: round(100.0 * labelled / pixels, 4) if pixels else None
+            for name, labelled, pixels in zip(names, class_labelled, class_pixels)}
     return result
 
 
@@ -188,15 +199,17 @@ def evaluate_cam_folder(cam_dir, load_gt: MaskLoader, num_classes: int,
 
 
 def format_table(result: dict, title: str = "") -> str:
-    """Per class IoU, precision and recall, then mIoU and pixel accuracy, for the terminal."""
+    """Per class IoU, precision, recall (and the labelled share of its pixels, where unsure
+    pixels were left out), then mIoU and pixel accuracy, for the terminal."""
     lines = [title] if title else []
-    columns = [result.get(key, {}) for key in ("per_class_iou", "per_class_precision",
-                                               "per_class_recall")]
-    if columns[0]:
-        lines.append(f"  {'class':<20s} {'IoU':>6s} {'prec.':>6s} {'recall':>6s}")
-    for name in columns[0]:
-        cells = [column.get(name) for column in columns]
-        lines.append(f"  {name:<20s} " + " ".join("     -" if v is None else f"{v:6.2f}"
+    headers = {"per_class_iou": "IoU", "per_class_precision": "prec.",
+               "per_class_recall": "recall", "per_class_coverage": "labelled"}
+    columns = {header: result[key] for key, header in headers.items() if result.get(key)}
+    if columns:
+        lines.append(f"  {'class':<20s} " + " ".join(f"{h:>8s}" for h in columns))
+    for name in result.get("per_class_iou", {}):
+        cells = [column.get(name) for column in columns.values()]
+        lines.append(f"  {name:<20s} " + " ".join("       -" if v is None else f"{v:8.2f}"
                                                   for v in cells))
     extras = [f"mIoU {result['miou']:.2f}" if result.get("miou") is not None else "mIoU -"]
     if result.get("pixel_accuracy") is not None:
