@@ -52,9 +52,8 @@ def score_stages(cfg, train_split: str, val_split: str, gt_bound: bool = False) 
         pseudo = evaluate_label_folder(work_dir / STEP_DIRS[5], train.load_mask, n, train.ids,
                                        unsure_label=255, class_names=names, allow_missing=True)
         unsure = pseudo["coverage"] is not None and pseudo["coverage"] < 100  # unsure_margin
-        stages["pseudo_mask"] = _stage(pseudo, **({
-            "coverage": pseudo["coverage"], "per_class_coverage": pseudo["per_class_coverage"]}
-            if unsure else {}))
+        kept = ("coverage", "per_class_coverage") if unsure else ()
+        stages["pseudo_mask"] = _stage(pseudo, **{key: pseudo[key] for key in kept})
     val = build_source(cfg.dataset, val_split)
     if val.has_masks:
         stages["segmentation"] = _score_predictions(work_dir, val, val_split)

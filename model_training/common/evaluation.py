@@ -164,10 +164,9 @@ def evaluate_label_folder(pred_dir, load_gt: MaskLoader, num_classes: int,
     result.update(counts)
     if unsure_label is not None:
         result["coverage"] = round(100.0 * confident / total, 4) if total else None
-        names = class_names or [str(c) for c in range(num_classes)]
         result["per_class_coverage"] = {
             name: round(100.0 * labelled / pixels, 4) if pixels else None
-            for name, labelled, pixels in zip(names, class_labelled, class_pixels)}
+            for name, labelled, pixels in zip(result["per_class_iou"], class_labelled, class_pixels)}
     return result
 
 
