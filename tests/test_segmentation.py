@@ -203,6 +203,73 @@ def test_repeat_threshold_out_of_range_is_a_config_error(tmp_path):
         tiny_config(tmp_path, "data.repeat_threshold=1.5")
 
 
+def test_unsure_weighted_loss_matches_cross_entropy_on_its_two_references():
+    """Weight 0: torch's ignore-index cross-entropy on the mask; weight 1: the same on the
+    first choice (the margin-0 mask); between: the pixel-weighted mean, class weights too."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 5, 6)
+    first = torch.randint(0, 4, (2, 5, 6))
+    mask = first.clone()
+    mask[:, :2] = 255  # the walk's close calls
+    first[1, -1] = mask[1, -1] = 255  # padding: in neither
+    masks = torch.stack([mask, first], dim=1)
+    ce = nn.CrossEntropyLoss(ignore_index=255)
+    torch.testing.assert_close(seg.unsure_weighted_loss(logits, masks, 0.0), ce(logits, mask))
+    torch.testing.assert_close(seg.unsure_weighted_loss(logits, masks, 1.0), ce(logits, first))
+    class_weights = torch.tensor([0.5, 1.0, 2.0, 3.0])
+    weighted = nn.CrossEntropyLoss(weight=class_weights, ignore_index=255)
+    torch.testing.assert_close(seg.unsure_weighted_loss(logits, masks, 0.0, class_weights),
+                               weighted(logits, mask))
+    per_pixel = nn.CrossEntropyLoss(ignore_index=255, reduction="none")(logits, first)
+    pixel_weight = (mask != 255).float() + 0.3 * ((mask == 255) & (first != 255)).float()
+    torch.testing.assert_close(seg.unsure_weighted_loss(logits, masks, 0.3),
+                               (per_pixel * pixel_weight).sum() / pixel_weight.sum())
+
+
+def write_first_choice(folder: Path, source) -> None:
+    """Fake step-5 output with a margin: the top rows of each mask unsure, their label kept
+    in first_choice/."""
+    for image_id in source.ids:
+        first = source.load_mask(image_id)
+        mask = first.copy()
+        mask[:8] = 255
+        save_png(folder / f"{image_id}.png", mask)
+        save_png(folder / "first_choice" / f"{image_id}.png", first)
+
+
+def test_unsure_weight_trains_on_the_first_choice_and_checks_it(tmp_path):
+    cfg = tiny_config(tmp_path, "loss.unsure_weight=0.3")
+    folder = tmp_path / "5_pseudo_masks"
+    source = build_source(cfg.dataset, "train")
+    write_first_choice(folder, source)
+    parts = seg.training_parts(cfg, torch.device("cpu"))
+    image_id = source.ids[0]
+    _, masks = parts.loader.dataset.load_pair(image_id)
+    np.testing.assert_array_equal(masks, [load_png(folder / f"{image_id}.png"),
+                                          source.load_mask(image_id)])
+    images, batch_masks = next(iter(parts.loader))  # the transform carries both channels
+    assert batch_masks.shape == (2, 2, 64, 64)
+    assert ((batch_masks[:, 0] == 255) & (batch_masks[:, 1] != 255)).any()
+    assert torch.isfinite(parts.step_fn(parts.model, (images, batch_masks))["loss"])
+
+    stale = source.load_mask(image_id)
+    stale[20:] = (stale[20:] + 1) % 6  # from another step-5 run: disagrees where the mask is sure
+    save_png(folder / "first_choice" / f"{image_id}.png", stale)
+    with pytest.raises(seg.ImageLoadError, match="first choice .* does not match"):
+        parts.loader.dataset.load_pair(image_id)
+    gt_bound = SegmentationDataset(source, None, transform=None, first_choice=True)
+    assert gt_bound.load_pair(image_id)[1].ndim == 2  # ground truth: its 255 stay ignored
+
+
+def test_unsure_weight_without_first_choice_folder_is_a_config_error(tmp_path):
+    cfg = tiny_config(tmp_path, "loss.unsure_weight=0.3")
+    write_pseudo_masks(cfg)
+    with pytest.raises(ConfigError, match="loss.unsure_weight.*first_choice.*step 5"):
+        seg.run(cfg)
+    with pytest.raises(ConfigError, match="loss.unsure_weight"):
+        tiny_config(tmp_path, "loss.unsure_weight=1.5")
+
+
 class FixedLogits(nn.Module):
     """A stand-in network: the same hand-made logits whatever the (2x2) input."""
 
