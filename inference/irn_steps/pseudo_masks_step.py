@@ -4,9 +4,7 @@ For every image: boundary map at stride 4 (flip TTA), the stride-4 CAMs spread b
 sparse random walk inside the boundaries, background where no walked map reaches
 ``bg_thres`` (IRNet) or where a walked background map wins (``background: walk``),
 optionally a CRF, and the uint8 mask of class ids at the image's size; with
-``unsure_margin`` the walk's close calls are 255, which step 6 does not train on (or trains
-on at a low weight with its ``loss.unsure_weight``: their first choice is kept in
-``first_choice/<id>.png``).
+``unsure_margin`` the walk's close calls are 255, which step 6 does not train on.
 """
 from __future__ import annotations
 
@@ -24,8 +22,8 @@ from model_training.common.image_step import start_image_step
 from model_training.common.image_step import summary_line as image_summary_line
 from model_training.common.metrics import IGNORE_INDEX
 from model_training.common.models.irnet import load_irnet, predict_boundary
-from model_training.common.step_io import (FIRST_CHOICE_DIR, STEP_DIRS, atomic_write, load_cams,
-                                           run_over_images, save_png, step_dir)
+from model_training.common.step_io import (STEP_DIRS, atomic_write, load_cams, run_over_images,
+                                           save_png, step_dir)
 from model_training.common.transforms import network_input
 
 from .random_walk import background_seed, random_walk, rw_scores, unsure_pixels
@@ -52,8 +50,7 @@ DEFAULTS = Schema({
         "crf_iterations": IRNET_PARAMS["t"],
         "crf_gt_prob": IRNET_PARAMS["gt_prob"],
         # > 0: pixels whose best walked score leads the second by less than this are 255
-        # (unsure: step 6 does not train on them), their first choice goes to
-        # first_choice/<id>.png; 0 labels every pixel, as IRNet
+        # (unsure: step 6 does not train on them); 0 labels every pixel, as IRNet
         "unsure_margin": 0.0,
         # also write <id>.npz: keys (0 = the walked background, first, with background: walk)
         # and rw float16 (maps, h, w), the walked maps on the walk's grid, before the argmax
@@ -84,14 +81,12 @@ class PseudoMaskMaker:
         self.device = device
         self.cfg = cfg
 
-    def __call__(self, image: np.ndarray, cams: dict) -> tuple[np.ndarray, np.ndarray, dict]:
-        """(uint8 mask at the image's size, the same before ``unsure_margin`` (the walk's first
-        choice everywhere), {"keys", "rw"}: the walked maps and their classes)."""
+    def __call__(self, image: np.ndarray, cams: dict) -> tuple[np.ndarray, dict]:
+        """(uint8 mask at the image's size, {"keys", "rw"}: the walked maps and their classes)."""
         cfg = self.cfg
         height, width = image.shape[:2]
         if len(cams["keys"]) == 0:  # no class in the image: nothing to walk
-            background = np.zeros((height, width), np.uint8)
-            return background, background, {"keys": cams["keys"], "rw": cams["cam"]}
+            return np.zeros((height, width), np.uint8), {"keys": cams["keys"], "rw": cams["cam"]}
         tensor = network_input(image, cfg.input_long_side)
         boundary = predict_boundary(self.model, tensor.to(self.device), cfg.flip)
         keys = cams["keys"]
@@ -113,11 +108,10 @@ class PseudoMaskMaker:
         if cfg.crf and len(keys):
             channels = crf_inference(image, channels, len(class_of_channel), **{
                 **IRNET_PARAMS, "t": cfg.crf_iterations, "gt_prob": cfg.crf_gt_prob})
-        first_choice = class_of_channel[channels]
-        mask = first_choice.copy()
+        mask = class_of_channel[channels]
         mask[unsure_pixels(scores, cfg.unsure_margin)] = IGNORE_INDEX
         rw_keys = np.concatenate([[0], keys]) if walk_background else keys
-        return mask, first_choice, {"keys": rw_keys.astype(np.int64), "rw": walked.numpy()}
+        return mask, {"keys": rw_keys.astype(np.int64), "rw": walked.numpy()}
 
 
 def step_inputs(cfg) -> dict[str, Path]:
@@ -129,8 +123,7 @@ def step_inputs(cfg) -> dict[str, Path]:
 
 
 def run(cfg) -> dict:
-    """Write ``5_pseudo_masks/<id>.png`` for every image with CAMs (resuming), and with an
-    ``unsure_margin`` ``first_choice/<id>.png``."""
+    """Write ``5_pseudo_masks/<id>.png`` for every image with CAMs (resuming)."""
     if cfg.pseudo_masks.background not in ("threshold", "walk"):
         raise ConfigError(f"key 'pseudo_masks.background' must be threshold or walk, "
                           f"got {cfg.pseudo_masks.background!r}")
@@ -142,19 +135,13 @@ def run(cfg) -> dict:
                             reads_cams=True, auto_keys=("bg_thres", "bg_power"))
     maker = PseudoMaskMaker(checkpoint, device, cfg.pseudo_masks)
     cam_dir, out_dir = step_dir(cfg.work_dir, 2), step.out_dir
-    first_choice_dir = out_dir / FIRST_CHOICE_DIR
-    if cfg.pseudo_masks.unsure_margin > 0:
-        first_choice_dir.mkdir(exist_ok=True)
 
     def make(image_id: str) -> None:
-        mask, first_choice, walked = maker(step.source.load_image(image_id),
-                                           load_cams(cam_dir / f"{image_id}.npz"))
-        # the extras before the mask: a mask on disk means the image is done
-        if cfg.pseudo_masks.save_rw:
+        mask, walked = maker(step.source.load_image(image_id),
+                             load_cams(cam_dir / f"{image_id}.npz"))
+        if cfg.pseudo_masks.save_rw:  # before the mask: a mask on disk means the image is done
             atomic_write(out_dir / f"{image_id}.npz", lambda tmp: np.savez_compressed(
                 tmp, keys=walked["keys"], rw=walked["rw"].astype(np.float16)))
-        if cfg.pseudo_masks.unsure_margin > 0:
-            save_png(first_choice_dir / f"{image_id}.png", first_choice)
         save_png(out_dir / f"{image_id}.png", mask)
 
     with torch.no_grad():

@@ -22,10 +22,6 @@ from model_training.common.config import Config, ConfigError, StepError
 from model_training.common.progress import progress
 from model_training.common.steps import STEP_DIRS
 
-# inside a pseudo-mask folder (step 5): the walk's label of every pixel, where the mask's
-# unsure margin left some at 255 (step 6's ``loss.unsure_weight`` trains on them)
-FIRST_CHOICE_DIR = "first_choice"
-
 
 def classifier_dir(work_dir: str | os.PathLike, variant: str = "") -> Path:
     """``<work_dir>/1_classifier``, or ``1_classifier_<variant>`` for an extra classifier

@@ -1,7 +1,6 @@
 """Step 6: train a segmentation network on the pseudo masks of step 5 (or on ground truth).
 
-``mask_source: pseudo`` reads ``<work_dir>/5_pseudo_masks/<id>.png`` for the training split
-(with ``loss.unsure_weight`` also the walk's first choice where those say 255);
+``mask_source: pseudo`` reads ``<work_dir>/5_pseudo_masks/<id>.png`` for the training split;
 ``mask_source: gt`` trains on the dataset's own masks with the same settings, the fully
 supervised upper bound the pseudo-mask model is judged against. Validation scores the
 full-size val images with step 7's own prediction code (one view, no gate),
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from inference.segmentation.submit.generate_predictions import DEFAULTS as SUBMIT_DEFAULTS
@@ -36,8 +34,8 @@ from model_training.common.metrics import IGNORE_INDEX, ConfusionMatrix
 from model_training.common.models.segmentation import build_model, model_config_from
 from model_training.common.progress import progress
 from model_training.common.sampling import RepeatFactorSampler, repeat_factors
-from model_training.common.step_io import (FIRST_CHOICE_DIR, STEP_DIRS, first_line, load_png,
-                                           report_failure, step_dir, stopped_at, write_or_stop)
+from model_training.common.step_io import (STEP_DIRS, first_line, load_png, report_failure,
+                                           step_dir, stopped_at, write_or_stop)
 from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, TrainingParts,
                                            finish_training_step, seed_worker,
                                            start_training_step)
@@ -70,9 +68,6 @@ DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
     },
     "loss": {
         "class_weights": None,  # null or one weight per class (background first)
-        # > 0: the pixels step 5's unsure_margin left at 255 are trained on the walk's first
-        # choice (5_pseudo_masks/first_choice/) at this weight each; 0 leaves them out
-        "unsure_weight": 0.0,
     },
     "val": {
         "max_images": 0,  # validate on the first N val images; 0 = all
@@ -94,7 +89,6 @@ DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
     "data.color_jitter": NON_NEGATIVE,
     "data.repeat_threshold": FRACTION,
     "loss.class_weights": NON_NEGATIVE,
-    "loss.unsure_weight": FRACTION,
     "val.max_images": NON_NEGATIVE,
     "export.scales": POSITIVE,
 }, types={"pseudo_mask_dir": str, "data.input_long_side": int, "loss.class_weights": list},
@@ -112,24 +106,6 @@ def param_groups(model: nn.Module, new_layer_lr_mult: float) -> list[dict]:
             {"params": new, "lr_mult": new_layer_lr_mult, "name": "decoder"}]
 
 
-# ---- loss ---------------------------------------------------------------------------------
-
-def unsure_weighted_loss(logits: torch.Tensor, masks: torch.Tensor, unsure_weight: float,
-                         class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy where ``masks`` (N, 2, H, W) holds the pseudo mask and the walk's first
-    choice: the mask's labelled pixels count 1, its unsure ones (255) ``unsure_weight`` on the
-    first choice, padding (255 in both) 0; a weighted mean, as ``nn.CrossEntropyLoss`` takes
-    ``class_weights`` (to which it reduces with no unsure pixel)."""
-    labels, first_choice = masks[:, 0], masks[:, 1]
-    unsure = (labels == IGNORE_INDEX) & (first_choice != IGNORE_INDEX)
-    target = torch.where(unsure, first_choice, labels)
-    pixel_weight = torch.where(unsure, unsure_weight, (labels != IGNORE_INDEX).float())
-    if class_weights is not None:
-        pixel_weight = pixel_weight * class_weights[target.masked_fill(target == IGNORE_INDEX, 0)]
-    losses = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="none")
-    return (losses * pixel_weight).sum() / pixel_weight.sum().clamp_min(1e-12)
-
-
 # ---- data ---------------------------------------------------------------------------------
 
 def mask_dir_for(cfg: Config) -> Path | None:
@@ -142,10 +118,6 @@ def mask_dir_for(cfg: Config) -> Path | None:
     if not folder.is_dir():
         raise ConfigError(f"key 'pseudo_mask_dir': folder not found: {folder} (run step 5 first, "
                           f"or set mask_source=gt)")
-    if cfg.loss.unsure_weight > 0 and not (folder / FIRST_CHOICE_DIR).is_dir():
-        raise ConfigError(f"key 'loss.unsure_weight': {folder / FIRST_CHOICE_DIR} not found (step 5 "
-                          f"writes it with pseudo_masks.unsure_margin > 0; re-run step 5 with "
-                          f"overwrite=true, or set loss.unsure_weight=0)")
     return folder
 
 
@@ -154,14 +126,11 @@ class SegmentationDataset(Dataset):
 
     Images without a mask file are left out (reported once, as a count). An image or mask
     that fails to load is reported and replaced by the next one, unless ``on_error`` is stop.
-    With ``first_choice`` the mask is (2, H, W): the pseudo mask and the walk's first choice
-    (``unsure_weighted_loss``).
     """
 
     def __init__(self, source: ImageSource, mask_dir: Path | None, transform,
-                 on_error: str = "skip", first_choice: bool = False):
+                 on_error: str = "skip"):
         self.source, self.mask_dir, self.transform, self.on_error = source, mask_dir, transform, on_error
-        self.first_choice = first_choice and mask_dir is not None
         if mask_dir is None:
             if not source.has_masks:
                 raise ConfigError(f"mask_source=gt: dataset '{source.name}' has no ground-truth "
@@ -191,8 +160,7 @@ class SegmentationDataset(Dataset):
             raise ImageLoadError(f"cannot read mask {path}: {err}") from None
 
     def load_pair(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 image and mask at the image's original size (with ``first_choice``, the
-        mask stacked on the walk's first choice)."""
+        """uint8 image and mask at the image's original size."""
         image = self.source.load_image(image_id)
         mask = self.load_mask(image_id)
         if mask is None or mask.shape != image.shape[:2]:
@@ -201,25 +169,7 @@ class SegmentationDataset(Dataset):
         if np.any((mask >= self.source.num_classes) & (mask != IGNORE_INDEX)):
             raise ImageLoadError(f"mask of {image_id} holds ids beyond the "
                                  f"{self.source.num_classes} classes")
-        if self.first_choice:
-            mask = np.stack([mask, self.load_first_choice(image_id, mask)])
         return image, mask
-
-    def load_first_choice(self, image_id: str, mask: np.ndarray) -> np.ndarray:
-        """The walk's label of every pixel; one that disagrees with ``mask`` where the mask is
-        sure is stale (another step-5 run) and is an error, not a training target."""
-        if not (mask == IGNORE_INDEX).any():
-            return mask
-        path = self.mask_dir / FIRST_CHOICE_DIR / f"{image_id}.png"
-        try:
-            first = load_png(path)
-        except OSError as err:
-            raise ImageLoadError(f"cannot read first choice {path}: {err}") from None
-        sure = mask != IGNORE_INDEX
-        if first.shape != mask.shape or not np.array_equal(first[sure], mask[sure]):
-            raise ImageLoadError(f"first choice {path} does not match its mask (from another "
-                                 f"step-5 run: re-run step 5 with overwrite=true)")
-        return first
 
     def mask_classes(self) -> np.ndarray:
         """(images, foreground classes) 0/1: which classes each training mask holds, for
@@ -356,24 +306,19 @@ def _parts(cfg: Config, device: torch.device, mask_dir: Path | None,
     transform = build_transform(True, crop_size=data.crop_size, resize_long=data.input_long_side,
                                 scale_range=data.scale_range, hflip=data.hflip,
                                 color_jitter=data.color_jitter)
-    unsure_weight = cfg.loss.unsure_weight
-    dataset = SegmentationDataset(train_source, mask_dir, transform, cfg.on_error,
-                                  first_choice=unsure_weight > 0)
+    dataset = SegmentationDataset(train_source, mask_dir, transform, cfg.on_error)
     loader = build_train_loader(dataset, cfg.train.batch_size, cfg.num_workers,
                                 cfg.seed, pin_memory=device.type == "cuda",
                                 repeat_threshold=data.repeat_threshold)
 
     weights = cfg.loss.class_weights
-    class_weights = None if weights is None else torch.tensor(weights, dtype=torch.float32,
-                                                              device=device)
-    criterion = nn.CrossEntropyLoss(weight=class_weights, ignore_index=IGNORE_INDEX)
+    criterion = nn.CrossEntropyLoss(
+        weight=None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device),
+        ignore_index=IGNORE_INDEX)
 
     def step_fn(net: nn.Module, batch) -> dict[str, torch.Tensor]:
         images, masks = batch
-        logits = net(images).float()
-        if dataset.first_choice:
-            return {"loss": unsure_weighted_loss(logits, masks, unsure_weight, class_weights)}
-        return {"loss": criterion(logits, masks)}
+        return {"loss": criterion(net(images).float(), masks)}
 
     validate_fn = None
     if val_source.has_masks:
