@@ -112,14 +112,14 @@ def run_steps(step_configs, label: str = "") -> dict:
     return seconds
 
 
-def run_gt_bound(config_dir: Path, overrides: list[str], work_dir) -> float:
-    """Steps 6-7 again with ``mask_source=gt`` in ``<work_dir>/gt_bound``; returns their
-    seconds."""
+def run_gt_bound(config_dir: Path, overrides: list[str], work_dir, label: str = GT_BOUND_DIR) -> float:
+    """Steps 6-7 again with ``mask_source=gt`` in ``<work_dir>/gt_bound``, their log lines
+    prefixed with ``label``; returns their seconds."""
     bound_overrides = [*overrides, f"work_dir={Path(work_dir) / GT_BOUND_DIR}", "mask_source=gt"]
     step_configs = exit_on_config_error(load_step_configs, config_dir, bound_overrides)
     seconds = exit_on_config_error(
         run_steps, [s for s in step_configs if s[0] in (STEP_DIRS[6], STEP_DIRS[7])],
-        label=GT_BOUND_DIR)
+        label=label)
     return round(sum(seconds.values()), 2)
 
 
@@ -140,7 +140,8 @@ def run_extra_seeds(config_dir: Path, overrides: list[str], segmentation, seeds:
             label=folder.name)
         seconds[folder.name] = round(sum(done.values()), 2)
         if gt_bound:
-            seconds[f"{folder.name}/{GT_BOUND_DIR}"] = run_gt_bound(config_dir, seed_overrides, folder)
+            bound = f"{folder.name}/{GT_BOUND_DIR}"
+            seconds[bound] = run_gt_bound(config_dir, seed_overrides, folder, label=bound)
     return seconds
 
 

@@ -255,8 +255,12 @@ def test_seeds_train_steps_6_and_7_again_on_the_same_pseudo_masks(tiny_run, tmp_
     assert "gt_bound" not in seeds and report["seconds"]["seed_1"] > 0
     assert f"seeds 0, 1: segmentation mean {seeds['segmentation']['mean']:.2f}" in proc.stdout
 
-    again = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    again = subprocess.run([*command, "--gt-bound"], capture_output=True, text=True, cwd=REPO)
     assert again.returncode == 0 and again.stdout.count("finished earlier: skipped") == 9
+    # each seed's bound says whose it is
+    assert "[gt_bound/6_segmentation] running" in again.stdout
+    assert "[seed_1/gt_bound/6_segmentation] running" in again.stdout
+    assert sorted(json.loads((work_dir / "report.json").read_text())["seeds"]["gt_bound"]["miou"]) == ["0", "1"]
 
 
 def test_seed_count_must_be_at_least_one():
