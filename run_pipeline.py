@@ -112,7 +112,8 @@ def run_steps(step_configs, label: str = "") -> dict:
     return seconds
 
 
-def run_gt_bound(config_dir: Path, overrides: list[str], work_dir, label: str = GT_BOUND_DIR) -> float:
+def run_gt_bound(config_dir: Path, overrides: list[str], work_dir,
+                 label: str = GT_BOUND_DIR) -> float:
     """Steps 6-7 again with ``mask_source=gt`` in ``<work_dir>/gt_bound``, their log lines
     prefixed with ``label``; returns their seconds."""
     bound_overrides = [*overrides, f"work_dir={Path(work_dir) / GT_BOUND_DIR}", "mask_source=gt"]
