@@ -226,3 +226,44 @@ def test_joint_transform_keeps_masks_exact():
     x, y = build_transform(False)(image, mask)
     assert torch.equal(y, torch.from_numpy(mask).long())
     assert x.shape == (3, 40, 60) and abs(float(x.mean())) < 3
+
+
+def _blob_mask(height: int = 120, width: int = 160) -> np.ndarray:
+    """Background with ignore pixels along the top and a 3x3 class-2 blob in the far corner."""
+    mask = np.zeros((height, width), np.uint8)
+    mask[:10] = 255
+    mask[-4:-1, -4:-1] = 2
+    return mask
+
+
+def test_class_crop_one_centres_every_crop_on_a_mask_class():
+    torch.manual_seed(0)
+    image = np.random.randint(0, 255, (120, 160, 3), np.uint8)
+    centred = build_transform(True, crop_size=32, hflip=False, class_crop=1.0)
+    plain = build_transform(True, crop_size=32, hflip=False)
+    holds_blob = [bool((centred(image, _blob_mask())[1] == 2).any()) for _ in range(20)]
+    plain_holds = [bool((plain(image, _blob_mask())[1] == 2).any()) for _ in range(20)]
+    assert all(holds_blob)
+    assert sum(plain_holds) < 5  # a plain random crop rarely reaches the corner
+
+
+def test_class_crop_never_centres_on_background_or_ignore():
+    """A mask of background and ignore only: every crop is the plain random one, so the
+    ignore band along the top is in some crops and not in others."""
+    torch.manual_seed(0)
+    image = np.random.randint(0, 255, (120, 160, 3), np.uint8)
+    mask = _blob_mask()
+    mask[mask == 2] = 0
+    transform = build_transform(True, crop_size=32, hflip=False, class_crop=1.0)
+    with_ignore = [bool((transform(image, mask)[1] == 255).any()) for _ in range(30)]
+    assert 0 < sum(with_ignore) < 30
+
+
+def test_class_crop_larger_than_the_image_is_padded_with_ignore():
+    torch.manual_seed(0)
+    image = np.random.randint(0, 255, (20, 30, 3), np.uint8)
+    transform = build_transform(True, crop_size=48, hflip=False, class_crop=1.0)
+    for _ in range(5):
+        x, y = transform(image, _blob_mask(20, 30))
+        assert x.shape == (3, 48, 48) and y.shape == (48, 48)
+        assert int((y == 2).sum()) == 9 and int((y == 0).sum()) == 20 * 30 - 10 * 30 - 9

@@ -198,6 +198,19 @@ def test_repeat_threshold_draws_the_images_of_a_rare_mask_class_more_often(tmp_p
     assert sorted(parts.loader.sampler) == [0, 0, 1, 2, 3] and list(parts.loader.sampler) != first_epoch
 
 
+def test_class_crop_reaches_the_training_crops(tmp_path):
+    """``data.class_crop`` = 1: every training crop holds the small class-3 patch of its mask."""
+    cfg = tiny_config(tmp_path, "data.class_crop=1.0", "data.crop_size=16", "data.hflip=false",
+                      f"pseudo_mask_dir={tmp_path / 'masks'}")
+    source = build_source(cfg.dataset, "train")
+    for image_id in source.ids:
+        mask = np.zeros(source.load_image(image_id).shape[:2], np.uint8)
+        mask[-3:, -3:] = 3
+        save_png(tmp_path / "masks" / f"{image_id}.png", mask)
+    dataset = seg.training_parts(cfg, torch.device("cpu")).loader.dataset
+    assert all(bool((dataset[n][1] == 3).any()) for n in range(len(dataset)))
+
+
 def test_repeat_threshold_out_of_range_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="data.repeat_threshold"):
         tiny_config(tmp_path, "data.repeat_threshold=1.5")

@@ -58,6 +58,43 @@ class RandomScale(v2.Transform):
         return self._call_kernel(TF.resize, inpt, size=params["size"], antialias=True)
 
 
+class ClassCentredCrop(v2.RandomCrop):
+    """A random crop that, with probability ``prob``, is centred on a pixel of one class of
+    the mask instead (the class drawn uniformly among its foreground ids, then one of its
+    pixels): nnU-Net's foreground oversampling, so that a small, rare class is not cropped
+    away from most of the draws of its image. Padding as ``RandomCrop(pad_if_needed=True)``."""
+
+    def __init__(self, size: int, prob: float):
+        super().__init__(size, pad_if_needed=True, fill=PAD_FILL)
+        self.prob = prob
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        params = super().make_params(flat_inputs)
+        if float(torch.rand(())) >= self.prob:
+            return params
+        masks = [inpt for inpt in flat_inputs if isinstance(inpt, tv_tensors.Mask)]
+        if not masks:
+            return params
+        mask = masks[0].as_subclass(torch.Tensor)
+        classes = mask.unique()
+        classes = classes[(classes > 0) & (classes != IGNORE_INDEX)]
+        if not len(classes):
+            return params
+        chosen = classes[torch.randint(len(classes), ())]
+        rows, cols = (mask == chosen).nonzero(as_tuple=True)
+        pixel = torch.randint(len(rows), ())
+        pad_left, pad_top, pad_right, pad_bottom = params["padding"]
+        height, width = mask.shape[-2] + pad_top + pad_bottom, mask.shape[-1] + pad_left + pad_right
+        params["top"] = _centred(int(rows[pixel]) + pad_top, params["height"], height)
+        params["left"] = _centred(int(cols[pixel]) + pad_left, params["width"], width)
+        return params
+
+
+def _centred(position: int, crop: int, side: int) -> int:
+    """The crop's first row (or column) that puts ``position`` in its middle, kept inside."""
+    return min(max(position - crop // 2, 0), max(side - crop, 0))
+
+
 class JointTransform:
     """Apply a v2 pipeline to a uint8 HWC image and an optional HW mask.
 
@@ -80,9 +117,10 @@ class JointTransform:
 
 def build_transform(train: bool, crop_size: int | None = None, resize_long: Any = None,
                     scale_range: Sequence[float] | None = None, hflip: bool = True,
-                    color_jitter: float = 0.0) -> JointTransform:
+                    color_jitter: float = 0.0, class_crop: float = 0.0) -> JointTransform:
     """The usual recipe: resize-long, random scale, crop with ignore padding, flip, jitter.
 
+    ``class_crop``: the share of crops centred on a mask class (``ClassCentredCrop``).
     ``train=False`` keeps only the deterministic resize, for validation and inference.
     """
     ops: list[v2.Transform] = []
@@ -95,7 +133,9 @@ def build_transform(train: bool, crop_size: int | None = None, resize_long: Any 
             ops.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
         if hflip:
             ops.append(v2.RandomHorizontalFlip())
-        if crop_size:
+        if crop_size and class_crop > 0:
+            ops.append(ClassCentredCrop(crop_size, class_crop))
+        elif crop_size:
             ops.append(v2.RandomCrop(crop_size, pad_if_needed=True, fill=PAD_FILL))
     return JointTransform(ops)
 

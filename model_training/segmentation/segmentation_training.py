@@ -65,6 +65,7 @@ DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
         "hflip": True,
         "color_jitter": 0.0,
         "repeat_threshold": 0.0,  # repeat-factor sampling (LVIS) by the classes each mask holds; 0: off
+        "class_crop": 0.0,  # share of crops centred on a pixel of one of the mask's classes; 0: off
     },
     "loss": {
         "class_weights": None,  # null or one weight per class (background first)
@@ -88,6 +89,7 @@ DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
     "data.crop_size": NON_NEGATIVE,  # a multiple of the network's stride: checked at the start
     "data.color_jitter": NON_NEGATIVE,
     "data.repeat_threshold": FRACTION,
+    "data.class_crop": FRACTION,
     "loss.class_weights": NON_NEGATIVE,
     "val.max_images": NON_NEGATIVE,
     "export.scales": POSITIVE,
@@ -305,7 +307,7 @@ def _parts(cfg: Config, device: torch.device, mask_dir: Path | None,
     data = cfg.data
     transform = build_transform(True, crop_size=data.crop_size, resize_long=data.input_long_side,
                                 scale_range=data.scale_range, hflip=data.hflip,
-                                color_jitter=data.color_jitter)
+                                color_jitter=data.color_jitter, class_crop=data.class_crop)
     dataset = SegmentationDataset(train_source, mask_dir, transform, cfg.on_error)
     loader = build_train_loader(dataset, cfg.train.batch_size, cfg.num_workers,
                                 cfg.seed, pin_memory=device.type == "cuda",
