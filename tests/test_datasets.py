@@ -247,9 +247,11 @@ def test_class_crop_one_centres_every_crop_on_a_mask_class():
     assert sum(plain_holds) < 5  # a plain random crop rarely reaches the corner
 
 
-def test_class_crop_never_centres_on_background_or_ignore():
-    """A mask of background and ignore only: every crop is the plain random one, so the
-    ignore band along the top is in some crops and not in others."""
+def test_class_crop_never_centres_on_ignore():
+    """A mask of background and ignore only holds no class to centre on: every crop is the
+    plain random one, so the ignore band along the top is in some crops and not in others
+    (centred on it, every crop would hold it). The test above shows background is never
+    chosen: half its crops would then miss the corner blob."""
     torch.manual_seed(0)
     image = np.random.randint(0, 255, (120, 160, 3), np.uint8)
     mask = _blob_mask()

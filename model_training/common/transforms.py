@@ -133,10 +133,9 @@ def build_transform(train: bool, crop_size: int | None = None, resize_long: Any 
             ops.append(v2.ColorJitter(color_jitter, color_jitter, color_jitter))
         if hflip:
             ops.append(v2.RandomHorizontalFlip())
-        if crop_size and class_crop > 0:
-            ops.append(ClassCentredCrop(crop_size, class_crop))
-        elif crop_size:
-            ops.append(v2.RandomCrop(crop_size, pad_if_needed=True, fill=PAD_FILL))
+        if crop_size:  # class_crop 0 keeps RandomCrop: its random stream, so earlier runs repeat
+            ops.append(ClassCentredCrop(crop_size, class_crop) if class_crop > 0
+                       else v2.RandomCrop(crop_size, pad_if_needed=True, fill=PAD_FILL))
     return JointTransform(ops)
 
 
