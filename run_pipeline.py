@@ -174,9 +174,11 @@ def main(argv=None) -> dict:
     seconds.update(run_extra_seeds(args.config_dir, args.overrides, segmentation, seeds[1:],
                                    args.gt_bound))
     val_split = STEPS[6].predicted_split(cfg)
-    stages = exit_on_config_error(score_stages, cfg, cam_split, val_split, args.gt_bound)
-    over_seeds = exit_on_config_error(score_seeds, cfg, val_split, seeds, stages, args.gt_bound) \
-        if len(seeds) > 1 else {}
+    # step 6 chose its checkpoint on its first val.max_images: the rest of its split is held out
+    chosen_on = segmentation.val.max_images if val_split == segmentation.dataset.val_split else 0
+    stages = exit_on_config_error(score_stages, cfg, cam_split, val_split, args.gt_bound, chosen_on)
+    over_seeds = exit_on_config_error(score_seeds, cfg, val_split, seeds, stages, args.gt_bound,
+                                      chosen_on) if len(seeds) > 1 else {}
     report = build_report(cfg, stages, seconds, over_seeds)
     write_report(report, cfg.work_dir)
     print(format_report(report))

@@ -318,6 +318,50 @@ def test_report_scores_what_a_step_wrote_and_records_what_it_left_out(tmp_path):
         assert pseudo["per_class_coverage"][name] == expected
 
 
+def test_report_scores_the_val_images_step_6_never_chose_on_apart(tmp_path):
+    """Issue 32: step 6 keeps its best val epoch, so val both chose the model and scored it;
+    with val.max_images the images after the first N are scored apart (``held_out``)."""
+    from inference.irn_steps import pseudo_masks_step
+    from inference.scoring.report import score_seeds, score_stages
+    from model_training.common.config import load_config
+    from model_training.common.datasets import build_source
+
+    cfg = load_config(REPO / "configs" / "toy" / "5_pseudo_masks.yaml",
+                      [f"work_dir={tmp_path}", "dataset.toy.num_train=2", "dataset.toy.num_val=4",
+                       "dataset.toy.image_size=[32,48]"], pseudo_masks_step.DEFAULTS)
+    val = build_source(cfg.dataset, "val")
+    # seed 0 right on the first two val images and all background on the last two; its bound
+    # right everywhere; seed 1 and its bound all background on the last two
+    for folder, wrong_from in (("", 2), ("gt_bound", 4), ("seed_1", 2), ("seed_1/gt_bound", 2)):
+        for i, image_id in enumerate(val.ids):
+            mask = val.load_mask(image_id)
+            save_png(tmp_path / folder / "7_predictions" / f"{image_id}.png",
+                     mask if i < wrong_from else np.zeros_like(mask))
+
+    def miou(folder, ids):
+        return evaluate_label_folder(tmp_path / folder / "7_predictions", val.load_mask,
+                                     val.num_classes, ids)["miou"]
+
+    rest = val.ids[2:]
+    stages = score_stages(cfg, "train", "val", gt_bound=True, chosen_on=2)
+    held = stages["segmentation"]["held_out"]
+    assert (held["first"], held["last"], held["images"]) == (3, 4, 2)
+    assert held["miou"] == pytest.approx(miou("", rest)) and held["miou"] < stages["segmentation"]["miou"]
+    assert stages["gt_bound"]["held_out"]["miou"] == pytest.approx(100.0)
+    assert held["of_gt_bound"] == pytest.approx(held["miou"] / 100.0, abs=1e-4)
+    assert stages["segmentation"]["miou"] == pytest.approx(miou("", val.ids))  # all of val as before
+    for chosen_on in (0, 4, 9):  # step 6 chose on every val image: nothing held out
+        assert "held_out" not in score_stages(cfg, "train", "val", chosen_on=chosen_on)["segmentation"]
+
+    seeds = score_seeds(cfg, "val", [0, 1], stages, gt_bound=True, chosen_on=2)
+    over = seeds["segmentation"]["held_out"]
+    assert over["miou"] == {"0": held["miou"], "1": pytest.approx(miou("seed_1", rest))}
+    assert over["mean"] == pytest.approx((over["miou"]["0"] + over["miou"]["1"]) / 2, abs=0.01)
+    bound = seeds["gt_bound"]["held_out"]
+    assert bound["miou"]["1"] == pytest.approx(miou("seed_1/gt_bound", rest))
+    assert over["of_gt_bound"] == pytest.approx(over["mean"] / bound["mean"], abs=1e-4)
+
+
 def test_json_that_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
     from inference import evaluate
 

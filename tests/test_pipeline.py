@@ -209,11 +209,12 @@ def test_changed_step3_threshold_is_refused_then_redone_with_overwrite(tiny_run,
 
 def test_gt_bound_trains_steps_6_and_7_on_ground_truth_only(tiny_run, tmp_path):
     """Steps 6-7 of the run on its pseudo masks (steps 1-5 from the shared run), then again on
-    the ground truth in gt_bound/."""
+    the ground truth in gt_bound/; step 6 chooses its checkpoint on 2 of the 4 val images, and
+    the report scores the other 2 apart."""
     work_dir = tmp_path
     _copy_steps(tiny_run[0], work_dir, 5)
     proc = subprocess.run([sys.executable, str(REPO / "run_pipeline.py"), str(REPO / "configs" / "toy"),
-                           f"work_dir={work_dir}", *TINY, "--gt-bound"],
+                           f"work_dir={work_dir}", *TINY, "val.max_images=2", "--gt-bound"],
                           capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("finished earlier: skipped") == 5
@@ -230,6 +231,10 @@ def test_gt_bound_trains_steps_6_and_7_on_ground_truth_only(tiny_run, tmp_path):
     assert stages["segmentation"]["of_gt_bound"] == pytest.approx(
         stages["segmentation"]["miou"] / stages["gt_bound"]["miou"], abs=1e-4)
     assert report["seconds"]["gt_bound"] > 0
+    held = stages["segmentation"]["held_out"]
+    assert (held["first"], held["last"], held["images"]) == (3, 4, 2)
+    assert stages["gt_bound"]["held_out"]["images"] == 2
+    assert "held out from step 6's checkpoint choice (val images 3-4): segmentation " in proc.stdout
 
 
 def test_seeds_train_steps_6_and_7_again_on_the_same_pseudo_masks(tiny_run, tmp_path):
@@ -292,6 +297,36 @@ def test_report_of_seeds_gives_mean_spread_ratio_and_each_seeds_dropped_class():
     assert [l for l in lines if l.startswith("warning")] == [
         "warning: step 6 dropped 'bicyclist' (seed 1): 25.6 IoU in the pseudo masks, 0.0 in "
         "the final model"]
+
+
+def test_report_prints_the_held_out_val_images_alone_and_over_seeds():
+    """The line a lever is judged by where step 6 chose its checkpoint on part of val."""
+    from inference.scoring.report import format_report
+
+    held = {"first": 201, "last": 404, "miou": 26.0, "images": 204, "of_gt_bound": 0.52,
+            "per_class_iou": {}}
+    stages = {"segmentation": {"miou": 30.0, "split": "val", "per_class_iou": {}, "held_out": held},
+              "gt_bound": {"miou": 48.0, "split": "val", "per_class_iou": {},
+                           "held_out": {**held, "miou": 50.0}}}
+    report = {"classifier": {"val_map": None}, "seconds": {"7_predictions": 1.0}, "stages": stages}
+    assert format_report(report).splitlines()[-1] == (
+        "held out from step 6's checkpoint choice (val images 201-404): segmentation 26.00; "
+        "gt bound 50.00; 52 % of gt bound")
+    report["seeds"] = {
+        "seeds": [0, 1], "dropped_classes": {},
+        "segmentation": {"miou": {"0": 30.0, "1": 28.0}, "mean": 29.0, "spread": 2.0,
+                         "held_out": {"miou": {"0": 26.0, "1": 24.0}, "mean": 25.0, "spread": 2.0,
+                                      "of_gt_bound": 0.5}},
+        "gt_bound": {"miou": {"0": 48.0, "1": 50.0}, "mean": 49.0, "spread": 2.0,
+                     "held_out": {"miou": {"0": 50.0, "1": 50.0}, "mean": 50.0, "spread": 0.0}}}
+    assert format_report(report).splitlines()[-2:] == [
+        "seeds 0, 1: segmentation mean 29.00, spread 2.00 (30.00 / 28.00); gt bound mean 49.00, "
+        "spread 2.00 (48.00 / 50.00)",
+        "held out from step 6's checkpoint choice (val images 201-404), seeds 0, 1: segmentation "
+        "mean 25.00, spread 2.00 (26.00 / 24.00); gt bound mean 50.00, spread 0.00 (50.00 / 50.00); "
+        "50 % of gt bound"]
+    del stages["segmentation"]["held_out"], report["seeds"]
+    assert "held out" not in format_report(report)
 
 
 def _step7_config(tmp_path, *overrides):

@@ -32,12 +32,14 @@ def _stage(result: dict, **extra) -> dict:
             **extra, **{key: result[key] for key in per_class}}
 
 
-def score_stages(cfg, train_split: str, val_split: str, gt_bound: bool = False) -> dict:
+def score_stages(cfg, train_split: str, val_split: str, gt_bound: bool = False,
+                 chosen_on: int = 0) -> dict:
     """mIoU and per-class IoU of each stage that has ground truth: CAM/IR/pseudo on train,
     predictions on val, and, with ``gt_bound`` (this run made it), the ground-truth bound: a
     ``gt_bound/`` left by an earlier run may come from other settings. Images a step
     left out (a bad image it skipped) are not scored: each stage records how many were
-    ``missing`` beside the ``images`` scored."""
+    ``missing`` beside the ``images`` scored. ``chosen_on``: step 6 chose its checkpoint on
+    the first that many val images (``held_out_ids``)."""
     work_dir = Path(cfg.work_dir)
     train = build_source(cfg.dataset, train_split)
     stages: dict = {}
@@ -57,20 +59,38 @@ def score_stages(cfg, train_split: str, val_split: str, gt_bound: bool = False) 
         stages["pseudo_mask"] = _stage(pseudo, **{key: pseudo[key] for key in kept})
     val = build_source(cfg.dataset, val_split)
     if val.has_masks:
-        stages["segmentation"] = _score_predictions(work_dir, val, val_split)
+        stages["segmentation"] = _score_predictions(work_dir, val, val_split, chosen_on)
         if gt_bound:
-            stages["gt_bound"] = _score_predictions(work_dir / GT_BOUND_DIR, val, val_split)
-    if "segmentation" in stages and "gt_bound" in stages and stages["gt_bound"]["miou"]:
-        ratio = stages["segmentation"]["miou"] / stages["gt_bound"]["miou"]
-        stages["segmentation"]["of_gt_bound"] = round(ratio, 4)
+            stages["gt_bound"] = _score_predictions(work_dir / GT_BOUND_DIR, val, val_split,
+                                                    chosen_on)
+    if "segmentation" in stages and "gt_bound" in stages:
+        seg, bound = stages["segmentation"], stages["gt_bound"]
+        for part, part_bound in ((seg, bound), (seg.get("held_out"), bound.get("held_out"))):
+            if part and part_bound and part_bound["miou"]:
+                part["of_gt_bound"] = round(part["miou"] / part_bound["miou"], 4)
     return stages
 
 
-def _score_predictions(work_dir: Path, val, val_split: str) -> dict:
-    """Step 7's masks in ``<work_dir>/7_predictions`` against the val masks."""
-    seg = evaluate_label_folder(work_dir / STEP_DIRS[7], val.load_mask, val.num_classes, val.ids,
-                                class_names=val.class_names, allow_missing=True)
-    return _stage(seg, split=val_split)
+def held_out_ids(ids: list[str], chosen_on: int) -> list[str]:
+    """The val images step 6 never chose its checkpoint on: those after its first
+    ``val.max_images`` (``chosen_on``). Scored apart, they are the part of val no choice was
+    tuned to; none when step 6 chose on all of them."""
+    return list(ids[chosen_on:]) if 0 < chosen_on < len(ids) else []
+
+
+def _score_predictions(work_dir: Path, val, val_split: str, chosen_on: int = 0) -> dict:
+    """Step 7's masks in ``<work_dir>/7_predictions`` against the val masks, and apart on the
+    images step 6's checkpoint choice never saw (``held_out``)."""
+    def score(ids):
+        return evaluate_label_folder(work_dir / STEP_DIRS[7], val.load_mask, val.num_classes, ids,
+                                     class_names=val.class_names, allow_missing=True)
+    stage = _stage(score(val.ids), split=val_split)
+    held_out = held_out_ids(val.ids, chosen_on)
+    if held_out:
+        rest = score(held_out)
+        stage["held_out"] = {"first": chosen_on + 1, "last": len(val.ids), "miou": rest["miou"],
+                             "images": rest["images"], "per_class_iou": rest["per_class_iou"]}
+    return stage
 
 
 def seed_dir(work_dir, seed: int) -> Path:
@@ -86,16 +106,22 @@ def _over_seeds(runs: dict[int, dict]) -> dict:
         values = [run["per_class_iou"].get(name) for run in runs.values()]
         values = [v for v in values if v is not None]
         per_class[name] = round(sum(values) / len(values), 2) if values else None
-    return {"miou": {str(seed): run["miou"] for seed, run in runs.items()},
-            "mean": round(sum(mious) / len(mious), 2), "spread": round(max(mious) - min(mious), 2),
-            "per_class_iou": per_class,
-            "per_seed_iou": {str(seed): run["per_class_iou"] for seed, run in runs.items()}}
+    block = {"miou": {str(seed): run["miou"] for seed, run in runs.items()},
+             "mean": round(sum(mious) / len(mious), 2), "spread": round(max(mious) - min(mious), 2),
+             "per_class_iou": per_class,
+             "per_seed_iou": {str(seed): run["per_class_iou"] for seed, run in runs.items()}}
+    if all("held_out" in run for run in runs.values()):
+        held = {str(seed): run["held_out"]["miou"] for seed, run in runs.items()}
+        block["held_out"] = {"miou": held, "mean": round(sum(held.values()) / len(held), 2),
+                             "spread": round(max(held.values()) - min(held.values()), 2)}
+    return block
 
 
-def score_seeds(cfg, val_split: str, seeds: list[int], stages: dict, gt_bound: bool = False) -> dict:
+def score_seeds(cfg, val_split: str, seeds: list[int], stages: dict, gt_bound: bool = False,
+                chosen_on: int = 0) -> dict:
     """The segmentation (and with ``gt_bound`` the bound) of every seed: ``seeds[0]`` is the
     run's own (``stages``), each other one's steps 6-7 are in ``seed_<s>/``. Empty without
-    val masks: a spread of nothing scored would say nothing."""
+    val masks: a spread of nothing scored would say nothing. ``chosen_on``: as ``score_stages``."""
     if "segmentation" not in stages:
         return {}
     val = build_source(cfg.dataset, val_split)
@@ -105,13 +131,17 @@ def score_seeds(cfg, val_split: str, seeds: list[int], stages: dict, gt_bound: b
             continue
         runs = {seeds[0]: stages[key]}
         for seed in seeds[1:]:
-            runs[seed] = _score_predictions(seed_dir(cfg.work_dir, seed) / sub, val, val_split)
+            runs[seed] = _score_predictions(seed_dir(cfg.work_dir, seed) / sub, val, val_split,
+                                            chosen_on)
         block[key] = _over_seeds(runs)
     dropped = {seed: dropped_classes(stages, iou)
                for seed, iou in block["segmentation"]["per_seed_iou"].items()}
     block["dropped_classes"] = {seed: found for seed, found in dropped.items() if found}
     if "gt_bound" in block and block["gt_bound"]["mean"]:
         block["of_gt_bound"] = round(block["segmentation"]["mean"] / block["gt_bound"]["mean"], 4)
+    held = [block[key].get("held_out") for key in ("segmentation", "gt_bound") if key in block]
+    if len(held) == 2 and all(held) and held[1]["mean"]:
+        held[0]["of_gt_bound"] = round(held[0]["mean"] / held[1]["mean"], 4)
     return block
 
 
@@ -243,8 +273,11 @@ def format_report(report: dict) -> str:
                   + f" ({source})"]
     seeds = report.get("seeds")
     dropped = {None: report.get("dropped_classes", {})}
+    summary = [line for line in (_seeds_line(seeds) if seeds else None, _held_out_line(report))
+               if line]
+    if summary:
+        lines += ["", *summary]
     if seeds:
-        lines += ["", _seeds_line(seeds)]
         dropped.update((seed, found) for seed, found in seeds["dropped_classes"].items()
                        if seed != str(seeds["seeds"][0]))
     for seed, found in dropped.items():
@@ -263,13 +296,41 @@ def _seed_cell(name: str, seeds: dict) -> tuple[str, float | None]:
     return f"{title}, seed {seed}", seeds.get(key, {}).get("miou", {}).get(seed)
 
 
+def _held_out_line(report: dict) -> str | None:
+    """``held out from step 6's checkpoint choice (val images 201-404): segmentation 26.78;
+    gt bound 48.75; 55 % of gt bound``, over the seeds where there are several."""
+    segmentation = report["stages"].get("segmentation", {}).get("held_out")
+    if not segmentation:
+        return None
+    where = f"held out from step 6's checkpoint choice (val images {segmentation['first']}-" \
+            f"{segmentation['last']})"
+    seeds = report.get("seeds")
+    if seeds and "held_out" in seeds["segmentation"]:
+        parts = [f"{title} {_spread(seeds[key]['held_out'])}"
+                 for key, title in (("segmentation", "segmentation"), ("gt_bound", "gt bound"))
+                 if "held_out" in seeds.get(key, {})]
+        ratio = seeds["segmentation"]["held_out"].get("of_gt_bound")
+        where += f", seeds {', '.join(map(str, seeds['seeds']))}"
+    else:
+        bound = report["stages"].get("gt_bound", {}).get("held_out")
+        parts = [f"segmentation {_number(segmentation['miou'])}"]
+        parts += [f"gt bound {_number(bound['miou'])}"] if bound else []
+        ratio = segmentation.get("of_gt_bound")
+    parts += [f"{100 * ratio:.0f} % of gt bound"] if ratio is not None else []
+    return f"{where}: " + "; ".join(parts)
+
+
+def _spread(over: dict) -> str:
+    """``mean 29.22, spread 2.24 (30.34 / 28.10)``."""
+    each = " / ".join(_number(v) for v in over["miou"].values())
+    return f"mean {over['mean']:.2f}, spread {over['spread']:.2f} ({each})"
+
+
 def _seeds_line(seeds: dict) -> str:
     """``seeds 0, 1: segmentation mean 29.22, spread 2.24 (30.34 / 28.10); ...``."""
     parts = []
     for key, title in (("segmentation", "segmentation"), ("gt_bound", "gt bound")):
         if key in seeds:
-            over = seeds[key]
-            each = " / ".join(_number(v) for v in over["miou"].values())
-            parts.append(f"{title} mean {over['mean']:.2f}, spread {over['spread']:.2f} ({each})")
+            parts.append(f"{title} {_spread(seeds[key])}")
     ratio = f"; {100 * seeds['of_gt_bound']:.0f} % of gt bound" if "of_gt_bound" in seeds else ""
     return f"seeds {', '.join(map(str, seeds['seeds']))}: " + "; ".join(parts) + ratio
