@@ -93,6 +93,27 @@ def test_one_tiny_epoch_on_pseudo_masks_writes_checkpoints_and_export(tiny_run):
     assert list(loaded.mean) == pytest.approx([0.485, 0.456, 0.406])
 
 
+def test_export_epoch_last_exports_the_final_epoch_whatever_val_chose(tiny_run, tmp_path):
+    """export.epoch: last makes model.pt the final epoch's weights (IRNet's choice), not the
+    best val epoch's; best (the default) keeps best.pt."""
+    out = tmp_path / "6_segmentation"
+    shutil.copytree(tiny_run.out, out)
+    best = torch.load(out / "best.pt", weights_only=True)
+    best["model"] = {k: torch.zeros_like(v) for k, v in best["model"].items()}
+    best["epoch"] = 7  # a best epoch other than the last one's
+    torch.save(best, out / "best.pt")
+    last = torch.load(out / "last.pt", weights_only=True)
+    for choice, source, epoch in (("last", last, 1), ("best", best, 7)):
+        cfg = tiny_config(tmp_path, f"export.epoch={choice}")
+        assert seg.export_chosen_epoch(out, cfg) == epoch
+        exported = torch.load(out / "model.pt", weights_only=True)
+        for key, value in source["model"].items():
+            torch.testing.assert_close(exported["model"][key], value)
+    assert tiny_run.result["exported_epoch"] == 1
+    with pytest.raises(ConfigError, match=r"key 'export\.epoch' must be one of best, last, got 'first'"):
+        seg.run(tiny_config(tmp_path / "other", "export.epoch=first", "mask_source=gt"))
+
+
 def write_step7_images(cfg, folder: Path) -> dict[str, np.ndarray]:
     """A toy val image at its own size, cropped to an odd size and stretched to a portrait."""
     image = build_source(cfg.dataset, "val").load_image("val_00000")  # 48x64

@@ -4,7 +4,8 @@
 ``mask_source: gt`` trains on the dataset's own masks with the same settings, the fully
 supervised upper bound the pseudo-mask model is judged against. Validation scores the
 full-size val images with step 7's own prediction code (one view, no gate),
-``best.pt`` is the best val mIoU, and the end of the run exports ``model.pt`` plus
+``best.pt`` is the best val mIoU, and the end of the run exports ``model.pt`` (from ``best.pt``,
+or with ``export.epoch: last`` from the final epoch's ``last.pt``) plus
 ``export_config.yaml`` in the format of the standalone submission folder (step 7).
 """
 from __future__ import annotations
@@ -45,6 +46,7 @@ from model_training.common.transforms import (IMAGENET_MEAN, IMAGENET_STD, build
 STEP = 6
 RERUN_STEP_6 = "re-run step 6 with overwrite=true"
 BEST_KEYS = ("model", "model_config", "class_names", "epoch")  # what best.pt needs for export
+EXPORT_EPOCHS = ("best", "last")  # export.epoch: best.pt or last.pt becomes model.pt
 MASK_SOURCES = ("pseudo", "gt")
 
 SHARDABLE = False
@@ -71,9 +73,10 @@ DEFAULTS = merge_defaults(TRAIN_DEFAULTS, Schema({
         "class_weights": None,  # null or one weight per class (background first)
     },
     "val": {
-        "max_images": 0,  # validate on the first N val images; 0 = all
+        "max_images": 0,  # choose best.pt on the first N val images (0 = all); the report holds out the rest
     },
     "export": {  # test-time augmentation written to export_config.yaml for step 7
+        "epoch": "best",  # model.pt from best.pt (best val mIoU) or last.pt (the final epoch, as IRNet)
         "scales": list(SUBMIT_DEFAULTS["scales"]),
         "flip": SUBMIT_DEFAULTS["flip"],
     },
@@ -271,6 +274,17 @@ def evaluate(model: nn.Module, source: ImageSource, ids: Sequence[str],
 
 # ---- export -------------------------------------------------------------------------------
 
+def export_chosen_epoch(out_dir: Path, cfg: Config) -> int:
+    """Export ``best.pt`` or ``last.pt`` (``export.epoch``) as step 7's model; returns its epoch.
+    ``last`` takes the final epoch whatever val says: a best epoch chosen on the images that
+    also score the model is chosen partly on their noise."""
+    chosen = read_checkpoint(out_dir / f"{cfg.export.epoch}.pt", RERUN_STEP_6, keys=BEST_KEYS)
+    checkpoint = {**make_checkpoint(chosen["model"], chosen["model_config"], chosen["class_names"],
+                                    IMAGENET_MEAN, IMAGENET_STD), "epoch": chosen["epoch"]}
+    export_for_submission(out_dir, checkpoint, cfg)
+    return chosen["epoch"]
+
+
 def export_for_submission(out_dir: Path, checkpoint: Mapping, cfg: Config) -> Path:
     """``model.pt`` and a step-7 ``export_config.yaml`` that resizes as training did."""
     model_path = write_or_stop(out_dir / "model.pt", lambda tmp: torch.save(dict(checkpoint), tmp))
@@ -285,6 +299,9 @@ def export_for_submission(out_dir: Path, checkpoint: Mapping, cfg: Config) -> Pa
 # ---- the step -----------------------------------------------------------------------------
 
 def _check_settings(cfg: Config, num_classes: int) -> None:
+    if cfg.export.epoch not in EXPORT_EPOCHS:
+        raise ConfigError(f"key 'export.epoch' must be one of {', '.join(EXPORT_EPOCHS)}, "
+                          f"got {cfg.export.epoch!r}")
     weights = cfg.loss.class_weights
     if weights is not None and (not isinstance(weights, list) or len(weights) != num_classes):
         raise ConfigError(f"key 'loss.class_weights' must be null or a list of {num_classes} numbers")
@@ -388,14 +405,10 @@ def run(cfg: Config) -> dict:
 
     result = _train(cfg, device, out_dir, mask_dir, train_source, val_source)
     validated = val_source.has_masks
-    if distributed.is_main():
-        best = read_checkpoint(out_dir / "best.pt", RERUN_STEP_6, keys=BEST_KEYS)
-        checkpoint = {**make_checkpoint(best["model"], best["model_config"], best["class_names"],
-                                        IMAGENET_MEAN, IMAGENET_STD), "epoch": best["epoch"]}
-        export_for_submission(out_dir, checkpoint, cfg)
+    exported_epoch = export_chosen_epoch(out_dir, cfg) if distributed.is_main() else None
     return finish_training_step(out_dir, {
         "miou": result["best_score"] if validated else None, "best_epoch": result["best_epoch"],
-        "epochs": result["epochs"], "split": dataset_cfg.val_split,
+        "exported_epoch": exported_epoch, "epochs": result["epochs"], "split": dataset_cfg.val_split,
         "model": str(out_dir / "model.pt"), "export_config": str(out_dir / "export_config.yaml")},
         started)
 
@@ -404,4 +417,4 @@ def summary_line(summary: dict) -> str:
     miou = "n/a (no val masks)" if summary["miou"] is None else f"{summary['miou']:.2f}"
     return (f"{STEP_DIRS[6]}: val mIoU {miou} (best epoch {summary['best_epoch']}/"
             f"{summary['epochs']}, split {summary['split']}, {summary['seconds']:.0f}s); "
-            f"exported {summary['model']}")
+            f"exported {summary['model']} (epoch {summary.get('exported_epoch')})")
