@@ -21,12 +21,12 @@ from model_training.common.image_step import start_image_step
 from model_training.common.image_step import summary_line as image_summary_line
 from model_training.common.models import load_cam_classifier
 from model_training.common.step_io import STEP_DIRS, classifier_dir, run_over_images, save_cams
+from model_training.common.trainer import CHECKPOINT_EPOCHS
 from model_training.common.transforms import network_input
 
 from .cam import (CAM_STRIDE, DEFAULT_SCALES, LABEL_MODES, METHODS, NORMALIZATIONS, geometric_mean,
                   merge_cams, multiscale_cams, select_outputs)
 
-CLASSIFIER_EPOCHS = ("best", "last")
 
 SHARDABLE = True
 
@@ -143,7 +143,7 @@ def _check(cfg) -> list[Path]:
     c = cfg.cams
     for key, value, allowed in (("method", c.method, METHODS), ("labels", c.labels, LABEL_MODES),
                                 ("normalize", c.normalize, NORMALIZATIONS),
-                                ("classifier_epoch", c.classifier_epoch, CLASSIFIER_EPOCHS)):
+                                ("classifier_epoch", c.classifier_epoch, CHECKPOINT_EPOCHS)):
         if value not in allowed:
             raise ConfigError(f"key 'cams.{key}' must be one of {', '.join(allowed)}, got {value!r}")
     weights = f"{c.classifier_epoch}.pt"

@@ -38,6 +38,10 @@ from .distributed import (barrier, broadcast_from_main, gather_from_ranks, is_ma
 from .folder_lock import release
 from .provenance import claim_folder
 
+# The checkpoints every training step writes, by the name a config picks one with
+# (``cams.classifier_epoch``, step 6's ``export.epoch``): ``<name>.pt``.
+CHECKPOINT_EPOCHS = ("best", "last")
+
 # The ``train`` section every training step shares (plus the top-level ``resume`` key).
 TRAIN_DEFAULTS = Schema({
     "resume": False,  # continue from <step dir>/last.pt

@@ -37,8 +37,8 @@ from model_training.common.progress import progress
 from model_training.common.sampling import RepeatFactorSampler, repeat_factors
 from model_training.common.step_io import (STEP_DIRS, first_line, load_png, report_failure,
                                            step_dir, stopped_at, write_or_stop)
-from model_training.common.trainer import (TRAIN_DEFAULTS, Trainer, TrainingParts,
-                                           finish_training_step, seed_worker,
+from model_training.common.trainer import (CHECKPOINT_EPOCHS, TRAIN_DEFAULTS, Trainer,
+                                           TrainingParts, finish_training_step, seed_worker,
                                            start_training_step)
 from model_training.common.transforms import (IMAGENET_MEAN, IMAGENET_STD, build_transform,
                                               image_to_tensor)
@@ -46,7 +46,6 @@ from model_training.common.transforms import (IMAGENET_MEAN, IMAGENET_STD, build
 STEP = 6
 RERUN_STEP_6 = "re-run step 6 with overwrite=true"
 BEST_KEYS = ("model", "model_config", "class_names", "epoch")  # what best.pt needs for export
-EXPORT_EPOCHS = ("best", "last")  # export.epoch: best.pt or last.pt becomes model.pt
 MASK_SOURCES = ("pseudo", "gt")
 
 SHARDABLE = False
@@ -299,8 +298,8 @@ def export_for_submission(out_dir: Path, checkpoint: Mapping, cfg: Config) -> Pa
 # ---- the step -----------------------------------------------------------------------------
 
 def _check_settings(cfg: Config, num_classes: int) -> None:
-    if cfg.export.epoch not in EXPORT_EPOCHS:
-        raise ConfigError(f"key 'export.epoch' must be one of {', '.join(EXPORT_EPOCHS)}, "
+    if cfg.export.epoch not in CHECKPOINT_EPOCHS:
+        raise ConfigError(f"key 'export.epoch' must be one of {', '.join(CHECKPOINT_EPOCHS)}, "
                           f"got {cfg.export.epoch!r}")
     weights = cfg.loss.class_weights
     if weights is not None and (not isinstance(weights, list) or len(weights) != num_classes):
@@ -415,6 +414,8 @@ def run(cfg: Config) -> dict:
 
 def summary_line(summary: dict) -> str:
     miou = "n/a (no val masks)" if summary["miou"] is None else f"{summary['miou']:.2f}"
+    epoch = summary.get("exported_epoch")  # absent from a done.json older than export.epoch
+    exported = f" (epoch {epoch})" if epoch is not None else ""
     return (f"{STEP_DIRS[6]}: val mIoU {miou} (best epoch {summary['best_epoch']}/"
             f"{summary['epochs']}, split {summary['split']}, {summary['seconds']:.0f}s); "
-            f"exported {summary['model']} (epoch {summary.get('exported_epoch')})")
+            f"exported {summary['model']}{exported}")
