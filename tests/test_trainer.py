@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from model_training.common.config import ConfigError, StepError, merge_defaults
 from model_training.common.trainer import (TRAIN_DEFAULTS, LRSchedule, Trainer, build_optimizer,
-                                           check_resume, flatten_metrics, seed_everything)
+                                           check_resume, ema_average, flatten_metrics,
+                                           seed_everything)
 
 
 def test_poly_and_step_schedules():
@@ -51,15 +52,16 @@ def _regression_data():
     return TensorDataset(x, y)
 
 
-def _train(out_dir, epochs, resume=False, scores=None):
-    """A linear regression trained by the shared loop; ``scores`` scripts validation."""
+def _train(out_dir, epochs, resume=False, scores=None, ema_decay=0.0, seen_weights=None):
+    """A linear regression trained by the shared loop; ``scores`` scripts validation;
+    ``seen_weights`` (a list) collects the weights each optimisation step starts from."""
     seed_everything(0)
     data = _regression_data()
     loader = DataLoader(data, batch_size=4,
                         sampler=DistributedSampler(data, num_replicas=1, rank=0, seed=0))
     model = nn.Linear(3, 1)
     cfg = merge_defaults(TRAIN_DEFAULTS["train"], {"epochs": epochs, "lr": 0.05,
-                                                   "lr_schedule": "constant"})
+                                                   "lr_schedule": "constant", "ema_decay": ema_decay})
     calls = []
 
     def validate(net):
@@ -67,9 +69,13 @@ def _train(out_dir, epochs, resume=False, scores=None):
         calls.append(1)
         return {"score": scores[len(calls) - 1] if scores else -float(net.bias), "other": {"a": 1}}
 
+    def step(net, batch):
+        if seen_weights is not None:
+            seen_weights.append(torch.cat([net.weight.detach().flatten(), net.bias.detach()]))
+        return {"loss": nn.functional.mse_loss(net(batch[0]), batch[1])}
+
     trainer = Trainer(model, [{"params": model.parameters()}], loader, out_dir, cfg, "cpu",
-                      step_fn=lambda net, b: {"loss": nn.functional.mse_loss(net(b[0]), b[1])},
-                      validate_fn=validate, best_metric="score",
+                      step_fn=step, validate_fn=validate, best_metric="score",
                       checkpoint_fields={"class_ids": [1, 2]}, resume=resume)
     return model, trainer.fit()
 
@@ -100,6 +106,51 @@ def test_resume_continues_where_it_stopped_and_matches_an_uninterrupted_run(tmp_
         torch.testing.assert_close(a, b)
     with open(tmp_path / "split" / "metrics.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def _flat_weights(state):
+    return torch.cat([state["weight"].flatten(), state["bias"]])
+
+
+def test_ema_is_what_validation_scores_and_the_checkpoints_hold(tmp_path):
+    seen = []
+    model, summary = _train(tmp_path, epochs=2, ema_decay=0.9, seen_weights=seen)
+    trained = torch.cat([model.weight.detach().flatten(), model.bias.detach()])
+    # The average by hand: the first update copies, then decay (1 + n) / (10 + n), at most 0.9.
+    updated = seen[1:] + [trained]  # the weights after each optimisation step
+    average = updated[0].clone()
+    for n, weights in enumerate(updated[1:], start=1):
+        rate = min(0.9, (1 + n) / (10 + n))
+        average = rate * average + (1 - rate) * weights
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    torch.testing.assert_close(_flat_weights(last["model"]), average)
+    torch.testing.assert_close(_flat_weights(last["trained_model"]), trained)
+    assert int(last["ema_updates"]) == len(updated) == 12
+    assert not torch.allclose(average, trained, atol=1e-3)  # the average is not the last weights
+    assert summary["metrics"]["score"] == pytest.approx(-float(average[-1]))  # -bias of the EMA
+    best = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert "trained_model" not in best and best["epoch"] in (1, 2)
+
+
+def test_ema_resumes_where_it_stopped(tmp_path):
+    _train(tmp_path / "straight", epochs=3, ema_decay=0.9)
+    _train(tmp_path / "split", epochs=2, ema_decay=0.9)
+    _train(tmp_path / "split", epochs=3, ema_decay=0.9, resume=True)
+    straight, split = (torch.load(tmp_path / name / "last.pt", weights_only=True)
+                       for name in ("straight", "split"))
+    for key in ("model", "trained_model"):
+        torch.testing.assert_close(_flat_weights(straight[key]), _flat_weights(split[key]))
+    assert int(split["ema_updates"]) == int(straight["ema_updates"]) == 18
+
+
+def test_ema_average_ramps_its_decay_and_keeps_integer_buffers():
+    update = ema_average(0.99)
+    averaged, current = torch.zeros(3), torch.ones(3)
+    # After the first update (a copy), the rate is 2/11, then 3/12, ... up to 0.99.
+    torch.testing.assert_close(update(averaged, current, torch.tensor(1)), torch.full((3,), 9 / 11))
+    torch.testing.assert_close(update(averaged, current, torch.tensor(10**6)), torch.full((3,), 0.01))
+    count = update(torch.tensor(5), torch.tensor(9), torch.tensor(3))
+    assert count.dtype == torch.int64 and int(count) == 9
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):

@@ -2,7 +2,8 @@
 
 A step hands over its model, parameter groups, loader and two callbacks; the loop owns
 everything else: optimizer, per-iteration LR schedule, AMP (CUDA only), gradient clipping,
-validation, ``best.pt`` / ``last.pt`` checkpoints (atomic, loadable with
+validation, an exponential moving average of the weights (``train.ema_decay``),
+``best.pt`` / ``last.pt`` checkpoints (atomic, loadable with
 ``weights_only=True``), ``resume=true``, seeding, tqdm, TensorBoard and ``metrics.csv``.
 
 Distributed training (torchrun, see ``distributed.py``): pass a DDP-wrapped model and a
@@ -61,6 +62,7 @@ TRAIN_DEFAULTS = Schema({
         "grad_clip": 0.0,  # max gradient norm; 0 = no clipping
         "val_every": 1,  # validate every N epochs (and after the last)
         "sync_bn": False,  # torchrun on CUDA: BatchNorm statistics over every process's batch
+        "ema_decay": 0.0,  # validate and save an EMA of the weights (e.g. 0.995); 0: the weights as trained
     },
 }, ranges={
     "train.epochs": AT_LEAST_1,
@@ -74,6 +76,7 @@ TRAIN_DEFAULTS = Schema({
     "train.step_gamma": POSITIVE,
     "train.grad_clip": NON_NEGATIVE,
     "train.val_every": AT_LEAST_1,
+    "train.ema_decay": FRACTION,
 }, run_only={"resume"})
 
 StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
@@ -186,6 +189,18 @@ class LRSchedule:
         factor = self.factor(progress)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
+
+
+def ema_average(decay: float) -> Callable:
+    """``AveragedModel``'s ``avg_fn`` for an EMA whose decay ramps up as (1 + n) / (10 + n) up
+    to ``decay`` (n: updates so far), so a short run's first, untrained weights fade fast.
+    Integer buffers (BatchNorm's batch count) follow the model."""
+    def update(averaged: torch.Tensor, current: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        if not averaged.is_floating_point():
+            return current
+        rate = torch.clamp((1 + updates) / (10 + updates), max=decay).to(averaged.dtype)
+        return averaged + (current - averaged) * (1 - rate)
+    return update
 
 
 def build_optimizer(param_groups: Iterable[Mapping], train_cfg: Mapping) -> torch.optim.Optimizer:
@@ -311,6 +326,11 @@ class Trainer:
                                    train_cfg["step_epochs"], train_cfg["step_gamma"])
         self.amp = bool(train_cfg["amp"]) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        decay = float(train_cfg["ema_decay"])
+        # The average is what validation scores and the checkpoints' "model" holds; last.pt
+        # also keeps the trained weights ("trained_model") to resume from.
+        self.ema = (torch.optim.swa_utils.AveragedModel(unwrap(model), avg_fn=ema_average(decay),
+                                                        use_buffers=True) if decay > 0 else None)
         self.epoch = 0  # epochs completed
         self.iteration = 0
         self.best_score = -math.inf
@@ -320,8 +340,10 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------
     def _save(self, name: str, full: bool, rng_states: list | None = None) -> None:
         """``rng_states``: every rank's RNG state (``gather_from_ranks``), for last.pt."""
-        state = {"model": unwrap(self.model).state_dict(), "epoch": self.epoch,
+        state = {"model": self.evaluated_model().state_dict(), "epoch": self.epoch,
                  "metrics": self.last_metrics, **self.fields}
+        if full and self.ema is not None:
+            state.update(trained_model=unwrap(self.model).state_dict(), ema_updates=self.ema.n_averaged)
         if full:
             state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                          scheduler={"iteration": self.iteration}, best_score=self.best_score,
@@ -333,10 +355,16 @@ class Trainer:
         if not last.is_file():
             self._note(f"resume: {last} not found, starting from epoch 0")
             return
+        ema_keys = ("trained_model", "ema_updates") if self.ema is not None else ()
         state = read_checkpoint(last, "start this step over with overwrite=true", self.device,
                                 keys=("model", "optimizer", "scaler", "epoch", "scheduler",
-                                      "best_score", "best_epoch", "metrics", "rng"))
-        unwrap(self.model).load_state_dict(state["model"])
+                                      "best_score", "best_epoch", "metrics", "rng", *ema_keys))
+        if self.ema is None:
+            unwrap(self.model).load_state_dict(state["model"])
+        else:
+            unwrap(self.model).load_state_dict(state["trained_model"])
+            self.ema.module.load_state_dict(state["model"])
+            self.ema.n_averaged.copy_(state["ema_updates"])
         configured = [group["initial_lr"] for group in self.optimizer.param_groups]
         self.optimizer.load_state_dict(state["optimizer"])
         for group, initial_lr in zip(self.optimizer.param_groups, configured):
@@ -503,6 +531,8 @@ class Trainer:
                 [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg["grad_clip"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update_parameters(unwrap(self.model))
         return {k: float(v.detach() if isinstance(v, torch.Tensor) else v)
                 for k, v in outputs.items()}
 
@@ -510,9 +540,14 @@ class Trainer:
         """Rank 0's metrics on every rank, so all agree on the best epoch."""
         return broadcast_from_main(self.validate_here() if self.is_main else None)
 
+    def evaluated_model(self) -> nn.Module:
+        """What validation scores and the checkpoints hold: the EMA of the weights where
+        ``train.ema_decay`` asks for one, else the unwrapped model."""
+        return unwrap(self.model) if self.ema is None else self.ema.module
+
     def validate_here(self) -> Mapping[str, Any]:
-        """This process's validation: the unwrapped model in eval mode, no autograd."""
-        model = unwrap(self.model)
+        """This process's validation: the evaluated model in eval mode, no autograd."""
+        model = self.evaluated_model()
         model.eval()
         try:
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.float16,
