@@ -114,6 +114,24 @@ def test_export_epoch_last_exports_the_final_epoch_whatever_val_chose(tiny_run, 
         seg.run(tiny_config(tmp_path / "other", "export.epoch=first", "mask_source=gt"))
 
 
+def test_ema_weights_are_exported_and_the_trained_ones_kept_to_resume(tmp_path):
+    """train.ema_decay: step 7 gets the average (last.pt's and model.pt's "model"), last.pt
+    also holds the weights as trained."""
+    cfg = tiny_config(tmp_path, "mask_source=gt", "train.ema_decay=0.5", "export.epoch=last")
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        seg.run(cfg)
+    assert "weights averaged (ema_decay 0.5)" in stderr.getvalue()
+    out = tmp_path / "6_segmentation"
+    last = torch.load(out / "last.pt", weights_only=True)
+    exported = torch.load(out / "model.pt", weights_only=True)["model"]
+    assert int(last["ema_updates"]) == 2  # 4 images, batches of 2
+    weights = [key for key, value in exported.items() if value.is_floating_point()]
+    for key in weights:
+        torch.testing.assert_close(exported[key], last["model"][key])
+    assert any(not torch.allclose(exported[key], last["trained_model"][key]) for key in weights)
+
+
 def write_step7_images(cfg, folder: Path) -> dict[str, np.ndarray]:
     """A toy val image at its own size, cropped to an odd size and stretched to a portrait."""
     image = build_source(cfg.dataset, "val").load_image("val_00000")  # 48x64

@@ -373,8 +373,9 @@ def _train(cfg: Config, device: torch.device, out_dir: Path, mask_dir: Path | No
     masks = "ground-truth" if mask_dir is None else str(mask_dir)
     draws = (f"{len(parts.loader.sampler)} draws an epoch by repeat_threshold "
              f"{cfg.data.repeat_threshold:g}; " if cfg.data.repeat_threshold > 0 else "")
+    ema = f", weights averaged (ema_decay {cfg.train.ema_decay:g})" if cfg.train.ema_decay > 0 else ""
     print(f"6_segmentation: {len(parts.loader.dataset)} training images ({draws}masks: {masks}), "
-          f"{model_config['arch']} / {model_config['encoder_name']}, device {device}", file=sys.stderr)
+          f"{model_config['arch']} / {model_config['encoder_name']}, device {device}{ema}", file=sys.stderr)
     trainer = Trainer(distributed.wrap_model(parts.model, device, cfg.train.sync_bn),
                       parts.param_groups, parts.loader, out_dir, cfg.train, device,
                       step_fn=parts.step_fn, validate_fn=parts.validate_fn,
