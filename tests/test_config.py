@@ -262,6 +262,7 @@ def test_every_key_whose_default_is_null_declares_its_type(step):
     (6, "export.scales=[]", "key 'export.scales' must be a list of >= 1 items, got []"),
     (6, "data.scale_range=[0.5]", "key 'data.scale_range' must be a list of 0 or 2 items, got [0.5]"),
     (6, "loss.class_weights=2", "key 'loss.class_weights' must be a list, got 2"),
+    (6, "train.ema_decay=1", "key 'train.ema_decay' must be in [0, 1), got 1.0"),
 ])
 def test_settings_are_typed_and_sized_by_what_the_code_needs(step, override, message):
     with pytest.raises(ConfigError) as err:

@@ -33,7 +33,8 @@ from model_training.common.step_io import clear_done, mark_done, write_or_stop
 
 from . import distributed
 from .checkpoints import read_checkpoint
-from .config import AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, Schema, StepError
+from .config import (AT_LEAST_1, FRACTION, NON_NEGATIVE, POSITIVE, ConfigError, Range, Schema,
+                     StepError)
 from .distributed import (barrier, broadcast_from_main, gather_from_ranks, is_main, mean_over_ranks,
                           rank, world_size)
 from .folder_lock import release
@@ -62,7 +63,7 @@ TRAIN_DEFAULTS = Schema({
         "grad_clip": 0.0,  # max gradient norm; 0 = no clipping
         "val_every": 1,  # validate every N epochs (and after the last)
         "sync_bn": False,  # torchrun on CUDA: BatchNorm statistics over every process's batch
-        "ema_decay": 0.0,  # validate and save an EMA of the weights (e.g. 0.995); 0: the weights as trained
+        "ema_decay": 0.0,  # validate and save an EMA of the weights (e.g. 0.99), below 1; 0: the weights as trained
     },
 }, ranges={
     "train.epochs": AT_LEAST_1,
@@ -76,7 +77,7 @@ TRAIN_DEFAULTS = Schema({
     "train.step_gamma": POSITIVE,
     "train.grad_clip": NON_NEGATIVE,
     "train.val_every": AT_LEAST_1,
-    "train.ema_decay": FRACTION,
+    "train.ema_decay": Range(0, 1, open_high=True),  # 1 would never move the average
 }, run_only={"resume"})
 
 StepFn = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
@@ -342,12 +343,13 @@ class Trainer:
         """``rng_states``: every rank's RNG state (``gather_from_ranks``), for last.pt."""
         state = {"model": self.evaluated_model().state_dict(), "epoch": self.epoch,
                  "metrics": self.last_metrics, **self.fields}
-        if full and self.ema is not None:
-            state.update(trained_model=unwrap(self.model).state_dict(), ema_updates=self.ema.n_averaged)
         if full:
             state.update(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
                          scheduler={"iteration": self.iteration}, best_score=self.best_score,
                          best_epoch=self.best_epoch, rng=rng_states)
+            if self.ema is not None:
+                state.update(trained_model=unwrap(self.model).state_dict(),
+                             ema_updates=self.ema.n_averaged)
         write_or_stop(self.out_dir / name, lambda tmp: torch.save(state, tmp))
 
     def _restore(self) -> None:
