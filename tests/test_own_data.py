@@ -16,7 +16,8 @@ from tests.conftest import REPO
 CLASSES = ["background", "cat", "dog", "sofa"]
 COLOURS = {1: (200, 60, 40), 2: (40, 200, 60), 3: (60, 40, 200)}
 TINY = ["device=cpu", "num_workers=0", "ir_labels.num_workers=1", "train.epochs=1",
-        "train.batch_size=2", "data.resize_long=[64,64]", "data.crop_size=64",
+        "train.min_iterations=0", "train.batch_size=2", "data.resize_long=[64,64]",
+        "data.crop_size=64",
         "data.input_long_side=64", "cams.input_long_side=64", "pseudo_masks.input_long_side=64",
         "cams.scales=[1.0]", "export.scales=[1.0]", "model.weights=none", "irn.weights=none",
         "model.encoder_weights=none"]

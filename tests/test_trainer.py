@@ -12,8 +12,8 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from model_training.common.config import ConfigError, StepError, merge_defaults
 from model_training.common.trainer import (TRAIN_DEFAULTS, LRSchedule, Trainer, build_optimizer,
-                                           check_resume, ema_average, flatten_metrics,
-                                           seed_everything)
+                                           check_resume, ema_average, epochs_for,
+                                           flatten_metrics, seed_everything)
 
 
 def test_poly_and_step_schedules():
@@ -52,7 +52,8 @@ def _regression_data():
     return TensorDataset(x, y)
 
 
-def _train(out_dir, epochs, resume=False, scores=None, ema_decay=0.0, seen_weights=None):
+def _train(out_dir, epochs, resume=False, scores=None, ema_decay=0.0, seen_weights=None,
+           min_iterations=0):
     """A linear regression trained by the shared loop; ``scores`` scripts validation;
     ``seen_weights`` (a list) collects the weights each optimisation step starts from."""
     seed_everything(0)
@@ -61,7 +62,8 @@ def _train(out_dir, epochs, resume=False, scores=None, ema_decay=0.0, seen_weigh
                         sampler=DistributedSampler(data, num_replicas=1, rank=0, seed=0))
     model = nn.Linear(3, 1)
     cfg = merge_defaults(TRAIN_DEFAULTS["train"], {"epochs": epochs, "lr": 0.05,
-                                                   "lr_schedule": "constant", "ema_decay": ema_decay})
+                                                   "lr_schedule": "constant", "ema_decay": ema_decay,
+                                                   "min_iterations": min_iterations})
     calls = []
 
     def validate(net):
@@ -105,6 +107,21 @@ def test_resume_continues_where_it_stopped_and_matches_an_uninterrupted_run(tmp_
     for a, b in zip(straight.parameters(), resumed.parameters()):
         torch.testing.assert_close(a, b)
     with open(tmp_path / "split" / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_min_iterations_raises_the_epochs_of_a_small_dataset_only():
+    cfg = {**TRAIN_DEFAULTS["train"], "epochs": 3, "min_iterations": 500}
+    assert epochs_for(cfg, 45) == 12  # 3 epochs of 45 batches are 135 iterations; 12 are 540
+    assert epochs_for(cfg, 183) == 3  # 549 iterations already
+    assert epochs_for({**cfg, "min_iterations": 0}, 45) == 3
+
+
+def test_a_run_raised_by_min_iterations_trains_and_logs_every_epoch(tmp_path, capsys):
+    _, summary = _train(tmp_path, epochs=1, min_iterations=14)  # 6 batches an epoch
+    assert summary["epochs"] == 3
+    assert "train.epochs 1 -> 3" in capsys.readouterr().err
+    with open(tmp_path / "metrics.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
 
 

@@ -49,6 +49,9 @@ TRAIN_DEFAULTS = Schema({
     "resume": False,  # continue from <step dir>/last.pt
     "train": {
         "epochs": 5,
+        # > 0: epochs are raised until they hold this many iterations, so that a small dataset
+        # still gets a schedule's worth of updates (DeepLab and MMSegmentation count iterations)
+        "min_iterations": 0,
         "batch_size": 16,
         "optimizer": "sgd",  # sgd | adamw
         "lr": 0.01,  # base LR: pretrained layers; new layers get lr * new_layer_lr_mult
@@ -67,6 +70,7 @@ TRAIN_DEFAULTS = Schema({
     },
 }, ranges={
     "train.epochs": AT_LEAST_1,
+    "train.min_iterations": NON_NEGATIVE,
     "train.batch_size": AT_LEAST_1,
     "train.lr": POSITIVE,
     "train.new_layer_lr_mult": POSITIVE,
@@ -163,6 +167,16 @@ def finish_training_step(out_dir: Path, summary: dict, started: float) -> dict:
         mark_done(out_dir, summary)
     release(out_dir)
     return summary
+
+
+def epochs_for(train_cfg: Mapping, batches_per_epoch: int) -> int:
+    """``train.epochs``, or more where ``train.min_iterations`` needs more epochs of
+    ``batches_per_epoch`` batches (a loader's length)."""
+    epochs = int(train_cfg["epochs"])
+    floor = int(train_cfg["min_iterations"])
+    if floor and batches_per_epoch:
+        epochs = max(epochs, math.ceil(floor / batches_per_epoch))
+    return epochs
 
 
 class LRSchedule:
@@ -321,7 +335,11 @@ class Trainer:
         self.fields = dict(checkpoint_fields or {})
         self.resume = resume
         self.is_main = is_main()
-        self.epochs = int(train_cfg["epochs"])
+        self.epochs = epochs_for(train_cfg, len(train_loader))
+        if self.epochs != int(train_cfg["epochs"]):
+            self._note(f"train.epochs {train_cfg['epochs']} -> {self.epochs}: "
+                       f"{len(train_loader)} batches an epoch, train.min_iterations "
+                       f"{train_cfg['min_iterations']}")
         self.optimizer = build_optimizer(param_groups, train_cfg)
         self.schedule = LRSchedule(train_cfg["lr_schedule"], self.epochs, train_cfg["poly_power"],
                                    train_cfg["step_epochs"], train_cfg["step_gamma"])
