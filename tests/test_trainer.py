@@ -53,7 +53,7 @@ def _regression_data():
 
 
 def _train(out_dir, epochs, resume=False, scores=None, ema_decay=0.0, seen_weights=None,
-           min_iterations=0):
+           **train):
     """A linear regression trained by the shared loop; ``scores`` scripts validation;
     ``seen_weights`` (a list) collects the weights each optimisation step starts from."""
     seed_everything(0)
@@ -63,7 +63,7 @@ def _train(out_dir, epochs, resume=False, scores=None, ema_decay=0.0, seen_weigh
     model = nn.Linear(3, 1)
     cfg = merge_defaults(TRAIN_DEFAULTS["train"], {"epochs": epochs, "lr": 0.05,
                                                    "lr_schedule": "constant", "ema_decay": ema_decay,
-                                                   "min_iterations": min_iterations})
+                                                   **train})
     calls = []
 
     def validate(net):
@@ -123,6 +123,13 @@ def test_a_run_raised_by_min_iterations_trains_and_logs_every_epoch(tmp_path, ca
     assert "train.epochs 1 -> 3" in capsys.readouterr().err
     with open(tmp_path / "metrics.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+
+
+def test_epoch_lines_name_a_best_epoch_only_once_one_was_validated(tmp_path, capsys):
+    _train(tmp_path, epochs=3, val_every=2)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 3 and "best" not in lines[0] and "-inf" not in lines[0]
+    assert "best" in lines[1] and "@ 2" in lines[1]
 
 
 def _flat_weights(state):

@@ -505,7 +505,7 @@ class Trainer:
         parts = [f"epoch {row['epoch']}/{self.epochs}"]
         parts += [f"{k} {v:.4f}" for k, v in row.items()
                   if k.startswith("train/") or k == f"val/{self.best_metric}"]
-        if self.best_metric is not None:
+        if self.best_metric is not None and self.best_epoch:  # none before a validation
             parts.append(f"best {self.best_score:.4f} @ {self.best_epoch}")
         parts.append(f"{row['seconds']:.1f}s")
         return " | ".join(parts)
