@@ -335,10 +335,11 @@ class Trainer:
         self.fields = dict(checkpoint_fields or {})
         self.resume = resume
         self.is_main = is_main()
-        self.epochs = epochs_for(train_cfg, len(train_loader))
+        batches = len(train_loader)
+        self.epochs = epochs_for(train_cfg, batches)
         if self.epochs != int(train_cfg["epochs"]):
             self._note(f"train.epochs {train_cfg['epochs']} -> {self.epochs}: "
-                       f"{len(train_loader)} batches an epoch, train.min_iterations "
+                       f"{batches} batches an epoch, train.min_iterations "
                        f"{train_cfg['min_iterations']}")
         self.optimizer = build_optimizer(param_groups, train_cfg)
         self.schedule = LRSchedule(train_cfg["lr_schedule"], self.epochs, train_cfg["poly_power"],
